@@ -1,0 +1,1 @@
+"""Offline Ray Data jobs."""

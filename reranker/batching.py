@@ -1,0 +1,45 @@
+"""Length-aware batching: sort pairs by token length, then cut batches by a padded-token budget.
+
+Sorting keeps similar lengths together so short pairs are not padded to a long neighbour; the
+budget (pairs x longest pair in the batch) bounds activation memory so long passages can't blow it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def plan_batches(lengths: np.ndarray, max_batch_tokens: int, max_batch_pairs: int) -> list[np.ndarray]:
+    """Group pair indices into batches whose padded size fits the budget.
+
+    Args:
+        lengths: Token length of each pair (after truncation).
+        max_batch_tokens: Upper bound on ``len(batch) * max(lengths[batch])``; a single pair longer
+            than the budget still gets a batch of its own.
+        max_batch_pairs: Upper bound on ``len(batch)``.
+
+    Returns:
+        Index arrays into ``lengths``, shortest pairs first; together they cover every index once.
+
+    """
+    if max_batch_tokens < 1 or max_batch_pairs < 1:
+        raise ValueError("max_batch_tokens and max_batch_pairs must be positive")
+    order = np.argsort(lengths, kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    for position, index in enumerate(order):
+        size = position - start + 1
+        if position > start and (size * lengths[index] > max_batch_tokens or size > max_batch_pairs):
+            batches.append(order[start:position])
+            start = position
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
+def pad_rows(rows: list[list[int]], lengths: np.ndarray, pad_value: int) -> np.ndarray:
+    """Right-pad token rows into one int64 matrix as wide as the longest row."""
+    matrix = np.full((len(rows), int(lengths.max(initial=1))), pad_value, dtype=np.int64)
+    for row_number, row in enumerate(rows):
+        matrix[row_number, : len(row)] = row
+    return matrix

@@ -1,0 +1,236 @@
+"""The cross-encoder used unchanged by the offline job and the online service.
+
+Pipeline per call: tokenize all pairs once (truncating to ``max_length``) -> plan length-aware
+batches -> forward each batch -> post-process (relevance logit, fixed activation) -> input order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from reranker.batching import pad_rows, plan_batches
+from reranker.errors import ConfigError, ModelLoadError
+from reranker.settings import ModelSettings
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_CPU_BATCH_TOKENS = 2048
+_GPU_BATCH_TOKENS = 65536
+
+
+def resolve_device(requested: str) -> torch.device:
+    """Pick the torch device: ``auto`` means CUDA when present, else CPU.
+
+    Raises:
+        ConfigError: CUDA was asked for but is not available, or the name is unknown.
+
+    """
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise ConfigError(f"device: unknown device {requested!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {requested!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Map a precision name to a dtype; fp16 is GPU-only (CPU fp16 kernels are slow or missing).
+
+    Raises:
+        ConfigError: Unknown precision, or fp16 on a CPU.
+
+    """
+    if precision not in _DTYPES:
+        raise ConfigError(f"precision: expected one of {sorted(_DTYPES)}, got {precision!r}")
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("precision: fp16 needs a GPU; use fp32 (or bf16) on CPU")
+    return _DTYPES[precision]
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Padded-token budget per forward pass: small on CPU (cache-bound), large on GPU."""
+    return _CPU_BATCH_TOKENS if device.type == "cpu" else _GPU_BATCH_TOKENS
+
+
+@dataclass(frozen=True)
+class EncodedPairs:
+    """Token ids of tokenized (query, passage) pairs, unpadded."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    lengths: np.ndarray
+    truncated: np.ndarray
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Scores in input order plus what it took to compute them."""
+
+    scores: np.ndarray
+    num_tokens: int
+    num_truncated: int
+
+
+class CrossEncoderModel:
+    """A Hugging Face cross-encoder that scores (query, passage) pairs in length-aware batches."""
+
+    def __init__(self, settings: ModelSettings) -> None:
+        """Load tokenizer and weights once; every setting is fixed from here on.
+
+        Raises:
+            ModelLoadError: The model can't be found or read.
+            ConfigError: Device or precision settings are invalid.
+
+        """
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.precision, self.device)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.tokenizer, self.model = _load(settings, self.dtype)
+        self.model.to(self.device).eval()
+        self.max_length = _effective_max_length(settings.max_length, self.tokenizer, self.model)
+        self.max_batch_tokens = settings.max_batch_tokens or default_batch_tokens(self.device)
+        self._uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
+        self._pad_id = self.tokenizer.pad_token_id or 0
+        logger.info(
+            "loaded %s on %s (%s), max_length=%d", self.name, self.device, self.dtype, self.max_length
+        )
+
+    @property
+    def name(self) -> str:
+        """The model id or path it was loaded from."""
+        return self.settings.model
+
+    def tokenize(
+        self, queries: Sequence[str], passages: Sequence[str], max_length: int | None = None
+    ) -> EncodedPairs:
+        """Tokenize pairs, truncating the longer side first to ``max_length`` tokens."""
+        limit = min(max_length or self.max_length, self.max_length)
+        encoding = self.tokenizer(list(queries), list(passages), truncation="longest_first", max_length=limit)
+        input_ids = encoding["input_ids"]
+        lengths = np.fromiter((len(ids) for ids in input_ids), dtype=np.int64, count=len(input_ids))
+        if encoding.encodings is not None:
+            truncated = np.array([len(enc.overflowing) > 0 for enc in encoding.encodings], dtype=bool)
+        else:  # slow tokenizer: a pair that fills the limit exactly is counted as truncated
+            truncated = lengths >= limit
+        token_types = encoding.get("token_type_ids") if self._uses_token_types else None
+        return EncodedPairs(input_ids, token_types, lengths, truncated)
+
+    @torch.inference_mode()
+    def forward(self, encoded: EncodedPairs, batch: np.ndarray) -> np.ndarray:
+        """Run one padded batch and return its relevance logits as float32."""
+        lengths = encoded.lengths[batch]
+        input_ids = pad_rows([encoded.input_ids[i] for i in batch], lengths, self._pad_id)
+        inputs = {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(
+                (np.arange(input_ids.shape[1]) < lengths[:, None]).astype(np.int64)
+            ),
+        }
+        if encoded.token_type_ids is not None:
+            token_types = [encoded.token_type_ids[i] for i in batch]
+            inputs["token_type_ids"] = torch.from_numpy(pad_rows(token_types, lengths, 0))
+        logits = self.model(**{key: value.to(self.device) for key, value in inputs.items()}).logits
+        return _relevance_logit(logits).float().cpu().numpy()
+
+    def score(
+        self, queries: Sequence[str], passages: Sequence[str], max_length: int | None = None
+    ) -> ScoreResult:
+        """Score pairs ``(queries[i], passages[i])``; scores come back float32 in input order."""
+        if len(queries) != len(passages):
+            raise ValueError("queries and passages must have the same length")
+        scores = np.empty(len(queries), dtype=np.float32)
+        if not len(queries):
+            return ScoreResult(scores, 0, 0)
+        encoded = self.tokenize(queries, passages, max_length)
+        for batch in plan_batches(encoded.lengths, self.max_batch_tokens, self.settings.max_batch_pairs):
+            scores[batch] = self.forward(encoded, batch)
+        if self.settings.activation == "sigmoid":
+            scores = sigmoid(scores)
+        return ScoreResult(scores, int(encoded.lengths.sum()), int(encoded.truncated.sum()))
+
+    def predict(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        """Score ``(query, passage)`` pairs, like ``CrossEncoder.predict``."""
+        return self.score([pair[0] for pair in pairs], [pair[1] for pair in pairs]).scores
+
+    def rank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        top_k: int | None = None,
+        return_documents: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Rank documents for one query, like ``CrossEncoder.rank``.
+
+        Returns:
+            Dicts with ``corpus_id`` and ``score`` (and ``text`` if asked), best first.
+
+        """
+        scores = self.score([query] * len(documents), documents).scores
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        results: list[dict[str, Any]] = []
+        for index in order:
+            result: dict[str, Any] = {"corpus_id": int(index), "score": float(scores[index])}
+            if return_documents:
+                result["text"] = documents[index]
+            results.append(result)
+        return results
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable float32 sigmoid."""
+    values = np.asarray(logits, dtype=np.float32)
+    return (0.5 * (1.0 + np.tanh(0.5 * values))).astype(np.float32)
+
+
+def _relevance_logit(logits: torch.Tensor) -> torch.Tensor:
+    """One relevance logit per pair: the single logit, or log-odds of label 1 for 2-label heads."""
+    if logits.shape[-1] == 1:
+        return logits[:, 0]
+    return logits[:, 1] - logits[:, 0]
+
+
+def _effective_max_length(requested: int, tokenizer: PreTrainedTokenizerBase, model: Any) -> int:
+    limits = [requested, getattr(model.config, "max_position_embeddings", requested)]
+    if isinstance(tokenizer.model_max_length, int) and tokenizer.model_max_length < 1_000_000:
+        limits.append(tokenizer.model_max_length)
+    return min(limits)
+
+
+def _load(settings: ModelSettings, dtype: torch.dtype) -> tuple[PreTrainedTokenizerBase, Any]:
+    options: dict[str, Any] = {
+        "revision": settings.revision,
+        "trust_remote_code": settings.trust_remote_code,
+    }
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(settings.model, **options)
+        model = AutoModelForSequenceClassification.from_pretrained(settings.model, dtype=dtype, **options)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_load_failure_message(settings.model, exc)) from exc
+    if model.config.num_labels not in (1, 2):
+        raise ModelLoadError(
+            f"model {settings.model!r} has {model.config.num_labels} labels; a reranker needs 1 (or 2)"
+        )
+    return tokenizer, model
+
+
+def _load_failure_message(model: str, exc: Exception) -> str:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"cannot load model {model!r}: {reason}. "
+        "If this machine has no network access, download the model where there is one "
+        f"(huggingface-cli download {model} --local-dir DIR), copy DIR here, and pass "
+        "--model DIR (or RERANK_MODEL=DIR)."
+    )

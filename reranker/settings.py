@@ -1,0 +1,189 @@
+"""Settings: one frozen object per process.
+
+Precedence, highest first: CLI flags (passed as keyword overrides), ``RERANK_*`` environment
+variables, the YAML config file (``--config`` / ``RERANK_CONFIG``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Self, Union, get_args, get_origin
+
+import fsspec
+import pydantic
+import yaml
+from pydantic import Field, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from reranker.errors import ConfigError
+
+DEFAULT_MODEL = "cross-encoder/ms-marco-TinyBERT-L2-v2"
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by the ``config_file`` value of higher-priority sources."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the whole mapping
+
+    def __call__(self) -> dict[str, Any]:
+        state = self.current_state
+        path = state.get("RERANK_CONFIG") or state.get("config_file")
+        if not path:
+            return {}
+        return read_config_file(str(path))
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Load a flat YAML mapping of setting names to values.
+
+    Args:
+        path: Local path or fsspec URI of the YAML file.
+
+    Raises:
+        ConfigError: The file is missing, unreadable or not a mapping.
+
+    """
+    try:
+        with fsspec.open(path, "r") as handle:
+            values = yaml.safe_load(handle) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of setting names to values")
+    return values
+
+
+class ModelSettings(BaseSettings):
+    """How to load and run the cross-encoder; shared by the job and the service."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RERANK_", frozen=True, extra="forbid", populate_by_name=True
+    )
+
+    config_file: str | None = Field(
+        None,
+        validation_alias="RERANK_CONFIG",
+        description="YAML file of settings (lower precedence than env vars and flags).",
+    )
+    model: str = Field(DEFAULT_MODEL, description="Hugging Face hub id or local directory.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N.")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="Weights/compute dtype; fp16 needs a GPU."
+    )
+    max_length: int = Field(512, ge=8, description="Max tokens per pair, capped by the model.")
+    activation: Literal["none", "sigmoid"] = Field(
+        "none", description="Fixed at load: raw logits (none) or sigmoid."
+    )
+    max_batch_tokens: int | None = Field(
+        None, ge=64, description="Padded-token budget per forward pass (auto: CPU 2048, GPU 65536)."
+    )
+    max_batch_pairs: int = Field(1024, ge=1, description="Max pairs per forward pass.")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (auto).")
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Order the sources: init kwargs (CLI flags), then env vars, then the YAML file."""
+        return init_settings, env_settings, _YamlFileSource(settings_cls)
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Self:
+        """Build settings from overrides, env vars and the config file.
+
+        Args:
+            **overrides: Values that beat every other source (CLI flags); ``None`` is ignored.
+
+        Raises:
+            ConfigError: A value is invalid; the message names the setting.
+
+        """
+        given = {key: value for key, value in overrides.items() if value is not None}
+        try:
+            return cls(**given)
+        except pydantic.ValidationError as exc:
+            raise ConfigError(_describe_validation_error(exc)) from None
+
+
+def _describe_validation_error(exc: pydantic.ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        problems.append(f"{name}: {error['msg']}")
+    return "invalid settings: " + "; ".join(problems)
+
+
+class RescoreSettings(ModelSettings):
+    """Settings of the offline rescoring job (``python -m jobs.rescore``)."""
+
+    input: str | None = Field(None, description="Parquet file, directory or glob (any fsspec URI).")
+    output: str | None = Field(None, description="Output Parquet dataset directory (fsspec URI).")
+    query_column: str = Field("query", description="Column holding the query text.")
+    passage_column: str = Field("passage", description="Column holding the passage text.")
+    score_column: str = Field("score", description="Name of the float32 score column to add.")
+    group_column: str | None = Field(None, description="Query-id column for --rank / --top-k.")
+    rank: bool = Field(False, description="Add a 1-based 'rank' column within each group.")
+    top_k: int | None = Field(None, ge=1, description="Keep only the k best rows of each group.")
+    rows_per_batch: int = Field(4096, ge=1, description="Rows handed to an actor per call.")
+    num_actors: int | None = Field(None, ge=1, description="Scoring actors (auto from cluster).")
+    cpus_per_actor: float | None = Field(None, gt=0, description="CPUs per actor (auto).")
+    gpus_per_actor: float | None = Field(None, ge=0, description="GPUs per actor (auto: 1 if GPUs).")
+    io_cpus: float = Field(
+        1.0, gt=0, description="CPUs per read/write task, left unreserved by actors on each node."
+    )
+    overwrite: bool = Field(False, description="Replace an existing, non-empty output.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options (JSON), e.g. endpoint_url for S3."
+    )
+
+    @model_validator(mode="after")
+    def _grouping_needs_group_column(self) -> Self:
+        if (self.rank or self.top_k is not None) and not self.group_column:
+            raise ValueError("--rank and --top-k need --group-column (the query-id column)")
+        return self
+
+
+def _cli_type(annotation: Any) -> tuple[Any, Sequence[str] | None, bool]:
+    """Map a field annotation to (argparse type, choices, is_bool)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
+    if get_origin(annotation) is Literal:
+        return str, [str(value) for value in get_args(annotation)], False
+    if annotation is bool:
+        return None, None, True
+    if get_origin(annotation) is dict or annotation is dict:
+        return json.loads, None, False
+    return annotation, None, False
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings]) -> None:
+    """Add one ``--flag`` per settings field; unset flags stay out of the overrides."""
+    for name, field in settings_cls.model_fields.items():
+        flag = "--config" if name == "config_file" else "--" + name.replace("_", "-")
+        kind, choices, is_bool = _cli_type(field.annotation)
+        env_name = field.validation_alias if isinstance(field.validation_alias, str) else None
+        help_text = f"{field.description} [env {env_name or 'RERANK_' + name.upper()}]"
+        if is_bool:
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            parser.add_argument(flag, dest=name, type=kind, choices=choices, default=None, help=help_text)
+
+
+def overrides_from_args(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    """The flags the user actually gave, as keyword overrides for ``Settings.load``."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    return {key: value for key, value in values.items() if value is not None}

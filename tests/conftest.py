@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Tests never reach the network: the hub is offline for every test.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+for _name in [name for name in os.environ if name.startswith("RERANK_")]:
+    del os.environ[_name]
+
+from tests.helpers import build_tiny_cross_encoder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT cross-encoder saved as a local HF model directory."""
+    return build_tiny_cross_encoder(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    """The tiny model loaded once through the project's model class."""
+    from reranker.model import CrossEncoderModel
+    from reranker.settings import ModelSettings
+
+    return CrossEncoderModel(ModelSettings(model=str(tiny_model_dir)))
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray instance for the whole test session (keeps CI fast)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()

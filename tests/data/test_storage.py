@@ -1,0 +1,118 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.storage import find_input_files, inspect_input, prepare_output, read_footer, write_empty_output
+from reranker.errors import InputError, OutputError
+
+pytestmark = pytest.mark.data
+
+TEXT = ["query", "passage"]
+
+
+def write(path, **columns):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+@pytest.fixture
+def pairs_dir(tmp_path):
+    for part in range(3):
+        write(tmp_path / "in" / f"part-{part}.parquet", query=["q"] * 2, passage=["p"] * 2)
+    (tmp_path / "in" / "_SUCCESS").write_text("")
+    return tmp_path / "in"
+
+
+def test_single_file_directory_and_glob_are_expanded(pairs_dir):
+    """A file, a directory (data files only) and a glob each resolve to Parquet files."""
+    assert len(find_input_files(str(pairs_dir / "part-0.parquet"), {})[1]) == 1
+    assert len(find_input_files(str(pairs_dir), {})[1]) == 3
+    assert len(find_input_files(str(pairs_dir / "part-[01].parquet"), {})[1]) == 2
+
+
+def test_plan_counts_rows_from_footers(pairs_dir):
+    """The plan totals rows across files without reading data pages."""
+    plan = inspect_input(str(pairs_dir), {}, TEXT, ["score"])
+    assert (len(plan.files), plan.num_rows) == (3, 6)
+
+
+def test_missing_path_is_named(tmp_path):
+    """A path that does not exist fails naming it."""
+    with pytest.raises(InputError, match=r"does not exist: .*nowhere"):
+        find_input_files(str(tmp_path / "nowhere"), {})
+
+
+def test_glob_matching_nothing_is_named(tmp_path):
+    """A glob with no match fails naming the glob."""
+    with pytest.raises(InputError, match=r"no file matches .*\*\.parquet"):
+        find_input_files(str(tmp_path / "*.parquet"), {})
+
+
+def test_directory_without_parquet_files_is_an_error(tmp_path):
+    """A directory with no Parquet files fails naming it."""
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="no Parquet files"):
+        find_input_files(str(tmp_path), {})
+
+
+def test_missing_column_names_column_and_file(tmp_path):
+    """A missing column fails before scoring, naming the column and the file."""
+    path = write(tmp_path / "a.parquet", query=["q"], text=["p"])
+    with pytest.raises(InputError, match=r"'passage' not found in .*a\.parquet"):
+        inspect_input(str(path), {}, TEXT, ["score"])
+
+
+def test_missing_column_in_one_of_many_files_names_that_file(pairs_dir):
+    """Every file's schema is checked, not just the first."""
+    write(pairs_dir / "part-9.parquet", query=["q"], other=["p"])
+    with pytest.raises(InputError, match=r"part-9\.parquet"):
+        inspect_input(str(pairs_dir), {}, TEXT, ["score"])
+
+
+def test_non_string_column_names_column_and_type(tmp_path):
+    """A non-string text column fails with its name and type."""
+    path = write(tmp_path / "a.parquet", query=["q"], passage=[42])
+    with pytest.raises(InputError, match=r"'passage' .* has type int64; expected string"):
+        inspect_input(str(path), {}, TEXT, ["score"])
+
+
+def test_large_string_and_all_null_columns_are_accepted(tmp_path):
+    """large_string and an all-null column are valid text columns."""
+    table = pa.table({"query": pa.array(["q"], pa.large_string()), "passage": pa.array([None], pa.null())})
+    pq.write_table(table, tmp_path / "a.parquet")
+    assert inspect_input(str(tmp_path / "a.parquet"), {}, TEXT, ["score"]).num_rows == 1
+
+
+def test_corrupt_parquet_names_the_file(tmp_path):
+    """A file that is not valid Parquet fails naming it."""
+    bad = tmp_path / "in" / "broken.parquet"
+    bad.parent.mkdir()
+    bad.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(InputError, match=r"cannot read Parquet file .*broken\.parquet"):
+        inspect_input(str(bad.parent), {}, TEXT, ["score"])
+
+
+def test_existing_score_column_is_not_overwritten(tmp_path):
+    """An input that already has the score column fails instead of clobbering it."""
+    path = write(tmp_path / "a.parquet", query=["q"], passage=["p"], score=[1.0])
+    with pytest.raises(InputError, match="'score' already exists"):
+        inspect_input(str(path), {}, TEXT, ["score"])
+
+
+def test_output_with_data_needs_overwrite(tmp_path):
+    """A non-empty output directory is refused unless --overwrite, which clears it."""
+    write(tmp_path / "out" / "old.parquet", x=[1])
+    with pytest.raises(OutputError, match="--overwrite"):
+        prepare_output(str(tmp_path / "out"), {}, overwrite=False)
+    prepare_output(str(tmp_path / "out"), {}, overwrite=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_output_has_the_schema(tmp_path):
+    """An empty output is one Parquet file with the full schema and no rows."""
+    schema = pa.schema([("query", pa.string()), ("score", pa.float32())])
+    location = prepare_output(str(tmp_path / "out"), {}, overwrite=False)
+    write_empty_output(location, schema)
+    read_schema, rows = read_footer(location.fs, str(tmp_path / "out" / "part-00000.parquet"))
+    assert rows == 0 and read_schema.equals(schema)

@@ -1,0 +1,194 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.rescore import main
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
+
+QUERIES = ["how do solar panels work", "what causes seasons", "basil plant water"]
+PASSAGES = ["solar panels convert sunlight", "the tilt of the earth axis", "water basil when dry", "bananas"]
+
+
+def pairs_table(copies: int = 1) -> pa.Table:
+    rows = [
+        {"qid": q, "pid": q * 10 + p, "query": query, "passage": passage, "lang": "en"}
+        for _ in range(copies)
+        for q, query in enumerate(QUERIES)
+        for p, passage in enumerate(PASSAGES)
+    ]
+    return pa.Table.from_pylist(rows)
+
+
+def run_job(capsys, model_dir, *args: str) -> tuple[int, str, str]:
+    code = main(["--model", str(model_dir), *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def read_output(path) -> pa.Table:
+    table = pads.dataset(str(path), format="parquet").to_table()
+    keys = [name for name in ("qid", "pid") if name in table.column_names]
+    return table.sort_by([(name, "ascending") for name in keys])
+
+
+def test_single_file_keeps_every_column_and_row(tmp_path, capsys, tiny_model_dir, tiny_model):
+    """Every input column and row comes back with a float32 score equal to in-process scoring."""
+    pq.write_table(pairs_table(), tmp_path / "in.parquet")
+    code, out, _ = run_job(
+        capsys, tiny_model_dir, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out")
+    )
+    assert code == 0
+    table = read_output(tmp_path / "out")
+    assert table.column_names == ["qid", "pid", "query", "passage", "lang", "score"]
+    assert table.schema.field("score").type == pa.float32()
+    expected = tiny_model.score(table.column("query").to_pylist(), table.column("passage").to_pylist()).scores
+    np.testing.assert_allclose(table.column("score").to_numpy(), expected, atol=1e-6)
+    assert "rows read 12, rows written 12" in out and "pairs/s" in out and "wall" in out
+
+
+def test_multi_file_directory_and_glob(tmp_path, capsys, tiny_model_dir):
+    """A directory of several files and a glob over it are both read completely."""
+    (tmp_path / "in").mkdir()
+    for part in range(3):
+        pq.write_table(pairs_table(), tmp_path / "in" / f"part-{part}.parquet")
+    code, _, _ = run_job(
+        capsys, tiny_model_dir, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o1")
+    )
+    assert code == 0 and read_output(tmp_path / "o1").num_rows == 36
+    code, _out, _ = run_job(
+        capsys,
+        tiny_model_dir,
+        "--input",
+        str(tmp_path / "in" / "part-[02].parquet"),
+        "--output",
+        str(tmp_path / "o2"),
+    )
+    assert code == 0 and read_output(tmp_path / "o2").num_rows == 24
+
+
+def test_null_and_empty_text_gives_counted_null_scores(tmp_path, capsys, tiny_model_dir):
+    """Null or empty query/passage rows are kept with a null score and counted."""
+    table = pa.table(
+        {"qid": [1, 2, 3, 4], "query": ["solar", None, "", "sun"], "passage": ["panel", "p", "x", None]}
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    code, out, _ = run_job(
+        capsys, tiny_model_dir, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out")
+    )
+    assert code == 0
+    scores = read_output(tmp_path / "out").column("score")
+    assert scores.is_null().to_pylist() == [False, True, True, True]
+    assert "rows written 4" in out and "null scores 3" in out
+
+
+def test_empty_input_writes_empty_output_with_schema(tmp_path, capsys, tiny_model_dir):
+    """An input with zero rows gives an empty output with the input columns plus score."""
+    schema = pa.schema([("qid", pa.int64()), ("query", pa.string()), ("passage", pa.string())])
+    pq.write_table(schema.empty_table(), tmp_path / "in.parquet")
+    code, out, _ = run_job(
+        capsys, tiny_model_dir, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out")
+    )
+    assert code == 0 and "rows read 0, rows written 0" in out
+    result = pads.dataset(str(tmp_path / "out"), format="parquet")
+    assert result.count_rows() == 0
+    assert result.schema.names == ["qid", "query", "passage", "score"]
+    assert result.schema.field("score").type == pa.float32()
+
+
+def test_rank_and_top_k_within_query(tmp_path, capsys, tiny_model_dir):
+    """--group-column with --rank --top-k keeps the k best rows per query, ranked 1..k by score."""
+    pq.write_table(pairs_table(copies=2), tmp_path / "in.parquet")
+    code, _, _ = run_job(
+        capsys,
+        tiny_model_dir,
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        str(tmp_path / "out"),
+        "--group-column",
+        "qid",
+        "--rank",
+        "--top-k",
+        "3",
+    )
+    assert code == 0
+    table = read_output(tmp_path / "out")
+    assert table.num_rows == 9
+    for qid in range(3):
+        rows = [r for r in table.to_pylist() if r["qid"] == qid]
+        ordered = sorted(rows, key=lambda r: r["rank"])
+        assert [r["rank"] for r in ordered] == [1, 2, 3]
+        assert [r["score"] for r in ordered] == sorted((r["score"] for r in rows), reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("make_input", "message"),
+    [
+        (lambda d: d / "missing.parquet", "input path does not exist"),
+        (
+            lambda d: (
+                pq.write_table(pa.table({"query": ["q"], "text": ["p"]}), d / "a.parquet"),
+                d / "a.parquet",
+            )[1],
+            "'passage' not found",
+        ),
+        (
+            lambda d: (
+                pq.write_table(pa.table({"query": ["q"], "passage": [1]}), d / "a.parquet"),
+                d / "a.parquet",
+            )[1],
+            "type int64",
+        ),
+        (
+            lambda d: ((d / "bad.parquet").write_bytes(b"garbage"), d / "bad.parquet")[1],
+            "cannot read Parquet file",
+        ),
+    ],
+    ids=["missing-path", "missing-column", "non-string", "corrupt"],
+)
+def test_bad_input_exits_nonzero_with_one_line(tmp_path, capsys, tiny_model_dir, make_input, message):
+    """User errors exit 2 with one line on stderr naming the problem, and write nothing."""
+    path = make_input(tmp_path)
+    code, _out, err = run_job(capsys, tiny_model_dir, "--input", str(path), "--output", str(tmp_path / "out"))
+    assert code == 2
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_without_overwrite(tmp_path, capsys, tiny_model_dir):
+    """Rerunning into a non-empty output fails unless --overwrite."""
+    pq.write_table(pairs_table(), tmp_path / "in.parquet")
+    args = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out")]
+    assert run_job(capsys, tiny_model_dir, *args)[0] == 0
+    code, _, err = run_job(capsys, tiny_model_dir, *args)
+    assert code == 2 and "--overwrite" in err
+    assert run_job(capsys, tiny_model_dir, *args, "--overwrite")[0] == 0
+
+
+def test_s3_input_and_output(tmp_path, capsys, tiny_model_dir, s3_server):
+    """s3:// in and out through fsspec against a local S3-compatible server."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    for part in range(2):
+        with fs.open(f"rerank/in/part-{part}.parquet", "wb") as handle:
+            pq.write_table(pairs_table(), handle)
+    code, out, err = run_job(
+        capsys,
+        tiny_model_dir,
+        "--input",
+        "s3://rerank/in/",
+        "--output",
+        "s3://rerank/out/",
+        "--storage-options",
+        json.dumps(s3_server),
+    )
+    assert code == 0, err
+    written = [p for p in fs.find("rerank/out") if p.endswith(".parquet")]
+    rows = sum(pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in written)
+    assert rows == 24 and "rows written 24" in out

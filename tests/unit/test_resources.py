@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from jobs.scoring import plan_actor_pool
+from reranker.errors import ConfigError
+from reranker.model import default_batch_tokens, resolve_device, resolve_dtype
+from reranker.settings import RescoreSettings
+
+pytestmark = pytest.mark.unit
+
+
+def test_auto_device_prefers_cuda(monkeypatch):
+    """auto picks CUDA when present."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"
+
+
+def test_auto_device_falls_back_to_cpu(monkeypatch):
+    """auto picks the CPU without CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_explicit_cuda_without_gpu_is_a_config_error(monkeypatch):
+    """Asking for CUDA on a CPU-only machine fails clearly."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="CUDA"):
+        resolve_device("cuda:0")
+
+
+def test_unknown_device_is_a_config_error():
+    """Nonsense device names fail naming the setting."""
+    with pytest.raises(ConfigError, match="device"):
+        resolve_device("quantum")
+
+
+def test_precision_mapping():
+    """fp16/bf16 map to half dtypes on GPU; fp16 is refused on CPU, bf16 allowed."""
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_dtype("fp16", gpu) is torch.float16
+    assert resolve_dtype("bf16", gpu) is torch.bfloat16
+    assert resolve_dtype("bf16", cpu) is torch.bfloat16
+    assert resolve_dtype("fp32", cpu) is torch.float32
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        resolve_dtype("fp16", cpu)
+
+
+def test_batch_token_budget_depends_on_device():
+    """GPUs get a far larger padded-token budget than CPUs."""
+    assert default_batch_tokens(torch.device("cuda")) > default_batch_tokens(torch.device("cpu"))
+
+
+def test_gpu_cluster_gets_one_actor_per_gpu():
+    """Two nodes with 4 GPUs each: 8 single-GPU actors."""
+    plan = plan_actor_pool([{"CPU": 32, "GPU": 4}, {"CPU": 32, "GPU": 4}], RescoreSettings.load())
+    assert (plan.num_actors, plan.gpus_per_actor, plan.cpus_per_actor) == (8, 1.0, 1.0)
+
+
+def test_two_core_machine_leaves_a_cpu_for_io_and_uses_both_cores():
+    """The 2-core laptop: one 1-CPU actor (a CPU stays free for read/write) running 2 threads."""
+    plan = plan_actor_pool([{"CPU": 2.0}], RescoreSettings.load())
+    assert (plan.num_actors, plan.cpus_per_actor, plan.torch_threads) == (1, 1.0, 2)
+
+
+def test_cpu_cluster_never_reserves_every_cpu():
+    """On any CPU cluster the actors leave io_cpus unreserved on every node."""
+    for cpus in (1, 2, 3, 4, 8, 16, 64):
+        nodes = [{"CPU": float(cpus)}] * 3
+        settings = RescoreSettings.load()
+        plan = plan_actor_pool(nodes, settings)
+        per_node = plan.num_actors / 3
+        assert per_node * plan.cpus_per_actor <= cpus - settings.io_cpus + 1e-6 or cpus <= settings.io_cpus
+
+
+def test_sixteen_core_nodes_split_into_several_actors():
+    """16-core nodes: four actors of 3.75 CPUs, four threads each."""
+    plan = plan_actor_pool([{"CPU": 16.0}, {"CPU": 16.0}], RescoreSettings.load())
+    assert (plan.num_actors, plan.cpus_per_actor, plan.torch_threads) == (8, 3.75, 4)
+
+
+def test_explicit_pool_settings_win():
+    """num_actors / cpus_per_actor / torch_threads from settings are used as given."""
+    settings = RescoreSettings.load(num_actors=3, cpus_per_actor=0.5, torch_threads=1)
+    plan = plan_actor_pool([{"CPU": 2.0}], settings)
+    assert (plan.num_actors, plan.cpus_per_actor, plan.torch_threads) == (3, 0.5, 1)
+
+
+def test_gpus_per_actor_zero_forces_cpu_actors():
+    """gpus_per_actor=0 keeps scoring on CPUs even on GPU nodes."""
+    plan = plan_actor_pool([{"CPU": 8.0, "GPU": 1.0}], RescoreSettings.load(gpus_per_actor=0))
+    assert plan.gpus_per_actor == 0.0
+
+
+def test_zero_cpu_head_node_adds_no_actors():
+    """A head node with CPU 0 (kept free of work) neither hosts actors nor cancels others."""
+    plan = plan_actor_pool([{"CPU": 0.0}, {"CPU": 8.0}, {"CPU": 8.0}], RescoreSettings.load())
+    assert (plan.num_actors, plan.cpus_per_actor) == (4, 3.5)

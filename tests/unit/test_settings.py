@@ -1,0 +1,98 @@
+import argparse
+
+import pytest
+
+from reranker.errors import ConfigError
+from reranker.settings import (
+    DEFAULT_MODEL,
+    ModelSettings,
+    RescoreSettings,
+    add_settings_arguments,
+    overrides_from_args,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def parse(*argv: str) -> dict:
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser, RescoreSettings)
+    return overrides_from_args(parser.parse_args(list(argv)))
+
+
+def test_defaults():
+    """Defaults: the TinyBERT hub id, fp32, 512 tokens, raw logits."""
+    settings = RescoreSettings.load()
+    assert settings.model == DEFAULT_MODEL
+    assert (settings.precision, settings.max_length, settings.activation) == ("fp32", 512, "none")
+
+
+def test_precedence_flags_over_env_over_file_over_defaults(tmp_path, monkeypatch):
+    """CLI flags beat env vars, which beat the config file, which beats defaults."""
+    config = tmp_path / "rescore.yaml"
+    config.write_text(
+        "model: from-file\nmax_length: 128\nquery_column: q_file\ntop_k: 3\ngroup_column: qid\n"
+    )
+    monkeypatch.setenv("RERANK_CONFIG", str(config))
+    monkeypatch.setenv("RERANK_MAX_LENGTH", "256")
+    monkeypatch.setenv("RERANK_QUERY_COLUMN", "q_env")
+    settings = RescoreSettings.load(**parse("--query-column", "q_flag"))
+    assert settings.query_column == "q_flag"  # flag > env
+    assert settings.max_length == 256  # env > file
+    assert settings.model == "from-file"  # file > default
+    assert settings.passage_column == "passage"  # default
+
+
+def test_config_flag_names_the_file(tmp_path):
+    """--config loads the YAML file given on the command line."""
+    config = tmp_path / "c.yaml"
+    config.write_text("rows_per_batch: 77\n")
+    assert RescoreSettings.load(**parse("--config", str(config))).rows_per_batch == 77
+
+
+def test_settings_are_frozen():
+    """One immutable settings object per process."""
+    settings = ModelSettings.load()
+    with pytest.raises(Exception, match="frozen"):
+        settings.model = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [({"max_length": 0}, "max_length"), ({"precision": "fp64"}, "precision"), ({"top_k": 0}, "top_k")],
+)
+def test_invalid_values_name_the_setting(overrides, field):
+    """A bad value raises ConfigError naming the setting."""
+    with pytest.raises(ConfigError, match=field):
+        RescoreSettings.load(**overrides)
+
+
+def test_unknown_key_in_config_file_is_rejected(tmp_path):
+    """A typo in the config file is an error, not silently ignored."""
+    config = tmp_path / "c.yaml"
+    config.write_text("modle: x\n")
+    with pytest.raises(ConfigError, match="modle"):
+        RescoreSettings.load(config_file=str(config))
+
+
+def test_missing_config_file_is_a_config_error(tmp_path):
+    """A config path that does not exist fails naming it."""
+    with pytest.raises(ConfigError, match=r"nope\.yaml"):
+        RescoreSettings.load(config_file=str(tmp_path / "nope.yaml"))
+
+
+def test_rank_needs_group_column():
+    """--rank / --top-k without a query-id column is a settings error."""
+    with pytest.raises(ConfigError, match="group-column"):
+        RescoreSettings.load(top_k=5)
+
+
+def test_boolean_and_json_flags():
+    """Booleans take --x/--no-x; dict settings take JSON."""
+    values = parse("--rank", "--no-overwrite", "--storage-options", '{"anon": true}')
+    assert values == {"rank": True, "overwrite": False, "storage_options": {"anon": True}}
+
+
+def test_unset_flags_do_not_override():
+    """Flags the user did not give leave lower sources in charge."""
+    assert parse() == {}
