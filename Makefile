@@ -40,6 +40,7 @@ check: lint typecheck test
 
 bench: install
 	$(PY) bench/rescore_throughput.py
+	$(PY) bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -38,9 +38,15 @@ class OutputError(RerankError):
 
 
 class ValidationError(RerankError):
-    """A request is well-formed JSON but breaks a documented limit or rule."""
+    """A request breaks the schema or a documented limit; the message names the field."""
 
     error_type = "validation_error"
+
+
+class InvalidRequestError(RerankError):
+    """A request that can't be parsed at all (invalid JSON, not an object)."""
+
+    error_type = "invalid_request_error"
 
 
 class ModelNotFoundError(RerankError):
@@ -59,3 +65,9 @@ class AuthenticationError(RerankError):
     """The request lacks a valid API key."""
 
     error_type = "authentication_error"
+
+
+class PayloadTooLargeError(RerankError):
+    """The request body, or an input that may not be truncated, is too large."""
+
+    error_type = "payload_too_large"

@@ -7,9 +7,10 @@ batches -> forward each batch -> post-process (relevance logit, fixed activation
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -104,6 +105,7 @@ class CrossEncoderModel:
         self.max_batch_tokens = settings.max_batch_tokens or default_batch_tokens(self.device)
         self._uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
         self._pad_id = self.tokenizer.pad_token_id or 0
+        self._tokenizer_lock = threading.Lock()
         logger.info(
             "loaded %s on %s (%s), max_length=%d", self.name, self.device, self.dtype, self.max_length
         )
@@ -114,11 +116,23 @@ class CrossEncoderModel:
         return self.settings.model
 
     def tokenize(
-        self, queries: Sequence[str], passages: Sequence[str], max_length: int | None = None
+        self,
+        queries: Sequence[str],
+        passages: Sequence[str],
+        max_length: int | None = None,
+        truncation_side: Literal["right", "left"] = "right",
     ) -> EncodedPairs:
-        """Tokenize pairs, truncating the longer side first to ``max_length`` tokens."""
+        """Tokenize pairs, truncating the longer side first (at its end, or start if "left")."""
         limit = min(max_length or self.max_length, self.max_length)
-        encoding = self.tokenizer(list(queries), list(passages), truncation="longest_first", max_length=limit)
+        with self._tokenizer_lock:
+            default_side = self.tokenizer.truncation_side
+            self.tokenizer.truncation_side = truncation_side
+            try:
+                encoding = self.tokenizer(
+                    list(queries), list(passages), truncation="longest_first", max_length=limit
+                )
+            finally:
+                self.tokenizer.truncation_side = default_side
         input_ids = encoding["input_ids"]
         lengths = np.fromiter((len(ids) for ids in input_ids), dtype=np.int64, count=len(input_ids))
         if encoding.encodings is not None:
@@ -146,20 +160,28 @@ class CrossEncoderModel:
         return _relevance_logit(logits).float().cpu().numpy()
 
     def score(
-        self, queries: Sequence[str], passages: Sequence[str], max_length: int | None = None
+        self,
+        queries: Sequence[str],
+        passages: Sequence[str],
+        max_length: int | None = None,
+        truncation_side: Literal["right", "left"] = "right",
     ) -> ScoreResult:
         """Score pairs ``(queries[i], passages[i])``; scores come back float32 in input order."""
         if len(queries) != len(passages):
             raise ValueError("queries and passages must have the same length")
-        scores = np.empty(len(queries), dtype=np.float32)
         if not len(queries):
-            return ScoreResult(scores, 0, 0)
-        encoded = self.tokenize(queries, passages, max_length)
+            return ScoreResult(np.empty(0, dtype=np.float32), 0, 0)
+        encoded = self.tokenize(queries, passages, max_length, truncation_side)
+        return ScoreResult(
+            self.score_encoded(encoded), int(encoded.lengths.sum()), int(encoded.truncated.sum())
+        )
+
+    def score_encoded(self, encoded: EncodedPairs) -> np.ndarray:
+        """Score already tokenized pairs in length-aware batches; float32 in input order."""
+        scores = np.empty(len(encoded.lengths), dtype=np.float32)
         for batch in plan_batches(encoded.lengths, self.max_batch_tokens, self.settings.max_batch_pairs):
             scores[batch] = self.forward(encoded, batch)
-        if self.settings.activation == "sigmoid":
-            scores = sigmoid(scores)
-        return ScoreResult(scores, int(encoded.lengths.sum()), int(encoded.truncated.sum()))
+        return sigmoid(scores) if self.settings.activation == "sigmoid" else scores
 
     def predict(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         """Score ``(query, passage)`` pairs, like ``CrossEncoder.predict``."""

@@ -100,19 +100,24 @@ class ModelSettings(BaseSettings):
         return init_settings, env_settings, _YamlFileSource(settings_cls)
 
     @classmethod
-    def load(cls, **overrides: Any) -> Self:
-        """Build settings from overrides, env vars and the config file.
+    def load(cls, file_values: Mapping[str, Any] | None = None, **overrides: Any) -> Self:
+        """Build settings from overrides, env vars and config-file values.
 
         Args:
+            file_values: Values at config-file precedence (e.g. a Serve config's ``args``):
+                flags, env vars and ``RERANK_CONFIG`` beat them.
             **overrides: Values that beat every other source (CLI flags); ``None`` is ignored.
 
         Raises:
             ConfigError: A value is invalid; the message names the setting.
-
         """
         given = {key: value for key, value in overrides.items() if value is not None}
         try:
-            return cls(**given)
+            settings = cls(**given)
+            if not file_values:
+                return settings
+            explicit = {name: getattr(settings, name) for name in settings.model_fields_set}
+            return cls(**{**file_values, **explicit})
         except pydantic.ValidationError as exc:
             raise ConfigError(_describe_validation_error(exc)) from None
 
@@ -153,6 +158,20 @@ class RescoreSettings(ModelSettings):
         if (self.rank or self.top_k is not None) and not self.group_column:
             raise ValueError("--rank and --top-k need --group-column (the query-id column)")
         return self
+
+
+class ServeSettings(ModelSettings):
+    """Settings of the online service (``serve/``); batching knobs also come via ``user_config``."""
+
+    served_model_name: str | None = Field(None, description="Model name clients send (default: model).")
+    api_key: pydantic.SecretStr | None = Field(None, description="Require 'Authorization: Bearer KEY'.")
+    max_documents: int = Field(1000, ge=1, description="Max documents (or pairs) per request.")
+    max_document_chars: int = Field(20_000, ge=1, description="Max characters per document/query.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Max request body size.")
+    max_batch_pairs: int = Field(256, ge=1, description="Pairs coalesced into one model batch.")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, description="Wait for more requests to batch.")
+    max_pending_pairs: int = Field(8192, ge=1, description="Queue bound per replica; past it: 503.")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds on 503 overload answers.")
 
 
 def _cli_type(annotation: Any) -> tuple[Any, Sequence[str] | None, bool]:

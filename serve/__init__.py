@@ -1,0 +1,1 @@
+"""Online reranking: Ray Serve deployment, FastAPI routes, batching engine."""

@@ -1,0 +1,23 @@
+"""Application metrics, exported on Ray's Prometheus endpoint next to Serve's own."""
+
+from __future__ import annotations
+
+from ray.util.metrics import Counter, Histogram
+
+_PAIR_BUCKETS = [1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0]
+_REQUEST_BUCKETS = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
+
+
+class RerankMetrics:
+    """Counters and histograms of one replica."""
+
+    def __init__(self) -> None:
+        self.requests = Counter("rerank_requests_total", "Rerank requests by route.", tag_keys=("route",))
+        self.errors = Counter("rerank_errors_total", "Error responses by type.", tag_keys=("type",))
+        self.pairs = Counter("rerank_pairs_scored_total", "Query-passage pairs scored.")
+        self.tokens = Counter("rerank_tokens_total", "Tokens fed to the model.")
+        self.truncated = Counter("rerank_pairs_truncated_total", "Pairs cut to max_length.")
+        self.batch_pairs = Histogram("rerank_batch_pairs", "Pairs per model batch.", boundaries=_PAIR_BUCKETS)
+        self.batch_requests = Histogram(
+            "rerank_batch_requests", "Requests coalesced into one model batch.", boundaries=_REQUEST_BUCKETS
+        )
