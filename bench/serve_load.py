@@ -4,7 +4,7 @@ Replays the DL19 queries, each with its 100 BM25 passages, as `/v1/rerank` reque
 1, 8 and 32 (a bounded number of requests per level), and prints JSON: p50/p99 latency,
 requests/s, pairs/s and error counts per level, and the in-process time of the same requests.
 
-    python bench/serve_load.py                      # starts Serve itself with the twin model
+    python bench/serve_load.py                      # runs `serve run configs/serve.yaml` with the twin
     python bench/serve_load.py --url http://127.0.0.1:8000 --model PATH   # an already running server
 """
 
@@ -14,7 +14,9 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -106,37 +108,58 @@ def run_level(url: str, bodies: list[bytes], pairs_per_body: list[int], concurre
     }
 
 
-def start_server(model: str, port: int, threads: int) -> None:
-    import ray
-    from ray import serve
-
-    from reranker.settings import ServeSettings
-    from serve.app import Reranker
-
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = Reranker.options(ray_actor_options={"num_cpus": threads}).bind(ServeSettings.load(model=model))
-    serve.run(app, route_prefix="/", blocking=False)
+def start_server(model: str, url: str) -> subprocess.Popen[bytes]:
+    """`serve run configs/serve.yaml` in its own process, as users run it; wait for /health."""
+    env = {**os.environ, "RERANK_MODEL": model}
+    serve_cli = str(Path(sys.executable).with_name("serve"))
+    process = subprocess.Popen(
+        [serve_cli, "run", "configs/serve.yaml"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    target = urlparse(url)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            connection = http.client.HTTPConnection(target.hostname, target.port, timeout=5)
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return process
+        except OSError:
+            pass
+        time.sleep(1)
+    process.terminate()
+    raise SystemExit("the server did not become healthy within 180 s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="use a running server instead of starting one")
     parser.add_argument("--model", default=str(TWIN_MODEL))
-    parser.add_argument("--port", type=int, default=8123)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both sides")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="in-process torch threads (the server's follow its num_cpus)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="passes over the 43 DL19 queries per level")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     requests = load_requests()
     in_process = time_in_process(args.model, requests, args.threads)
-    url = args.url or f"http://127.0.0.1:{args.port}"
-    if not args.url:
-        start_server(args.model, args.port, args.threads)
+    url = args.url or "http://127.0.0.1:8000"  # the port in configs/serve.yaml
+    server = None if args.url else start_server(args.model, url)
     bodies = [json.dumps({"query": q, "documents": p, "top_n": 10}).encode() for q, p in requests]
     sizes = [len(p) for _, p in requests]
     run_level(url, bodies[:4], sizes[:4], 1, 4)  # warm the path
-    levels = [run_level(url, bodies, sizes, c, args.rounds * len(bodies)) for c in LEVELS]
+    try:
+        levels = [run_level(url, bodies, sizes, c, args.rounds * len(bodies)) for c in LEVELS]
+    finally:
+        if server is not None:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=60)
     by_level = {level["concurrency"]: level for level in levels}
     report = {
         "model": args.model,

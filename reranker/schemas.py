@@ -52,21 +52,26 @@ class TextDocument(BaseModel):
 NonEmptyQuery = Annotated[str, Field(min_length=1)]
 
 
-class RerankRequest(BaseModel):
-    """Cohere / Jina / vLLM ``/v1/rerank`` request."""
+class QueryRequest(BaseModel):
+    """Fields shared by the rerank requests: one non-empty query within the size limit."""
 
     model_config = ConfigDict(extra="ignore")
     query: NonEmptyQuery
-    documents: list[str | TextDocument]
-    top_n: int | None = Field(None, ge=1)
-    return_documents: bool = False
-    model: str | None = None
-    max_tokens_per_doc: int | None = Field(None, ge=1)
 
     @field_validator("query")
     @classmethod
     def _query_size(cls, value: str, info: ValidationInfo) -> str:
         return _check_text(value, info, "query")
+
+
+class RerankRequest(QueryRequest):
+    """Cohere / Jina / vLLM ``/v1/rerank`` request."""
+
+    documents: list[str | TextDocument]
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = False
+    model: str | None = None
+    max_tokens_per_doc: int | None = Field(None, ge=1)
 
     @field_validator("documents")
     @classmethod
@@ -112,21 +117,14 @@ class RerankResponse(BaseModel):
     meta: dict[str, Any]
 
 
-class TEIRerankRequest(BaseModel):
+class TEIRerankRequest(QueryRequest):
     """Hugging Face Text Embeddings Inference ``/rerank`` request."""
 
-    model_config = ConfigDict(extra="ignore")
-    query: NonEmptyQuery
     texts: list[str]
     raw_scores: bool = False
     return_text: bool = False
     truncate: bool = True
     truncation_direction: Literal["Right", "Left", "right", "left"] = "Right"
-
-    @field_validator("query")
-    @classmethod
-    def _query_size(cls, value: str, info: ValidationInfo) -> str:
-        return _check_text(value, info, "query")
 
     @field_validator("texts")
     @classmethod
