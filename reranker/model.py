@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _CPU_BATCH_TOKENS = 2048
 _GPU_BATCH_TOKENS = 65536
+TruncationSide = Literal["right", "left"]
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -120,7 +121,7 @@ class CrossEncoderModel:
         queries: Sequence[str],
         passages: Sequence[str],
         max_length: int | None = None,
-        truncation_side: Literal["right", "left"] = "right",
+        truncation_side: TruncationSide = "right",
     ) -> EncodedPairs:
         """Tokenize pairs, truncating the longer side first (at its end, or start if "left")."""
         limit = min(max_length or self.max_length, self.max_length)
@@ -164,7 +165,7 @@ class CrossEncoderModel:
         queries: Sequence[str],
         passages: Sequence[str],
         max_length: int | None = None,
-        truncation_side: Literal["right", "left"] = "right",
+        truncation_side: TruncationSide = "right",
     ) -> ScoreResult:
         """Score pairs ``(queries[i], passages[i])``; scores come back float32 in input order."""
         if len(queries) != len(passages):

@@ -7,9 +7,11 @@ deployment can change them without code changes; without a context the defaults 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from reranker.model import TruncationSide
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,13 @@ class TEIRerankRequest(QueryRequest):
     raw_scores: bool = False
     return_text: bool = False
     truncate: bool = True
-    truncation_direction: Literal["Right", "Left", "right", "left"] = "Right"
+    truncation_direction: TruncationSide = "right"
+
+    @field_validator("truncation_direction", mode="before")
+    @classmethod
+    def _lowercase_direction(cls, value: object) -> object:
+        """TEI clients send "Right" / "Left"."""
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("texts")
     @classmethod

@@ -29,7 +29,7 @@ from reranker.errors import (
     RerankError,
     ValidationError,
 )
-from reranker.model import sigmoid
+from reranker.model import TruncationSide, sigmoid
 from reranker.schemas import (
     ErrorResponse,
     RequestLimits,
@@ -263,11 +263,9 @@ async def _score_documents(
     query: str,
     documents: list[str],
     max_length: int | None = None,
-    side: str = "right",
+    side: TruncationSide = "right",
 ) -> Scored:
-    return await service.engine.score(
-        [query] * len(documents), documents, max_length, "left" if side.lower() == "left" else "right"
-    )
+    return await service.engine.score([query] * len(documents), documents, max_length, side)
 
 
 async def _rerank_documents(request: Request, payload: RerankRequest) -> RerankResponse:

@@ -13,16 +13,13 @@ import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from ray import serve
 
 from reranker.errors import OverloadedError
-from reranker.model import CrossEncoderModel
+from reranker.model import CrossEncoderModel, TruncationSide
 from serve.metrics import RerankMetrics
-
-TruncationSide = Literal["right", "left"]
 
 
 @dataclass(frozen=True)
