@@ -169,7 +169,9 @@ class ServeSettings(ModelSettings):
     max_document_chars: int = Field(20_000, ge=1, description="Max characters per document/query.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Max request body size.")
     max_batch_pairs: int = Field(256, ge=1, description="Pairs coalesced into one model batch.")
-    batch_wait_timeout_s: float = Field(0.002, ge=0, description="Wait for more requests to batch.")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="Extra wait for requests to batch (batches also form while the model is busy)."
+    )
     max_pending_pairs: int = Field(8192, ge=1, description="Queue bound per replica; past it: 503.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds on 503 overload answers.")
 

@@ -101,7 +101,7 @@ class RerankEngine:
             batch_pairs=max(part.batch_pairs for part in parts),
         )
 
-    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.002, batch_size_fn=_pairs_in)
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0, batch_size_fn=_pairs_in)
     async def _score_chunks(self, chunks: list[Chunk]) -> list[Scored]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._score_batch, chunks)
