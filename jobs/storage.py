@@ -105,6 +105,12 @@ def read_footer(fs: fsspec.AbstractFileSystem, path: str) -> tuple[pa.Schema, in
         raise InputError(f"cannot read Parquet file {path}: {exc}") from exc
 
 
+def read_footers(location: Location, files: Sequence[str]) -> list[tuple[pa.Schema, int]]:
+    """Schema and row count of each file, read in parallel (footers only)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(files)))) as pool:
+        return list(pool.map(lambda path: read_footer(location.fs, path), files))
+
+
 def check_text_columns(schema: pa.Schema, columns: Sequence[str], path: str) -> None:
     """Fail unless every column exists in ``schema`` with a string type, naming column and file."""
     for column in columns:
@@ -132,8 +138,7 @@ def inspect_input(
 ) -> InputPlan:
     """Find the input files and validate every footer before anything is scored."""
     location, files = find_input_files(uri, storage_options)
-    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
-        footers = list(pool.map(lambda path: read_footer(location.fs, path), files))
+    footers = read_footers(location, files)
     for path, (schema, _) in zip(files, footers, strict=True):
         check_text_columns(schema, text_columns, path)
         check_absent_columns(schema, new_columns, path)

@@ -125,8 +125,9 @@ class ModelSettings(BaseSettings):
 def _describe_validation_error(exc: pydantic.ValidationError) -> str:
     problems = []
     for error in exc.errors():
-        name = ".".join(str(part) for part in error["loc"]) or "settings"
-        problems.append(f"{name}: {error['msg']}")
+        message = error["msg"].removeprefix("Value error, ")
+        name = ".".join(str(part) for part in error["loc"])
+        problems.append(f"{name}: {message}" if name else message)
     return "invalid settings: " + "; ".join(problems)
 
 
@@ -174,6 +175,43 @@ class ServeSettings(ModelSettings):
     )
     max_pending_pairs: int = Field(8192, ge=1, description="Queue bound per replica; past it: 503.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds on 503 overload answers.")
+
+
+class EvaluateSettings(BaseSettings):
+    """Settings of the evaluation job (``python -m jobs.evaluate``); env prefix ``RERANK_EVAL_``."""
+
+    model_config = SettingsConfigDict(env_prefix="RERANK_EVAL_", frozen=True, extra="forbid")
+
+    scores: str | None = Field(None, description="Scored Parquet file, directory or glob (fsspec URI).")
+    run: str | None = Field(None, description="TREC run file (qid Q0 docno rank score tag) instead.")
+    qrels: str | None = Field(None, description="TREC qrels file (qid 0 docno grade).")
+    query_column: str = Field("qid", description="Query-id column of --scores.")
+    doc_column: str = Field("pid", description="Document-id column of --scores.")
+    score_column: str = Field("score", description="Score column of --scores.")
+    relevance_threshold: int = Field(2, ge=1, description="Lowest grade counted relevant by mrr and recall.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options (JSON), e.g. endpoint_url for S3."
+    )
+
+    @model_validator(mode="after")
+    def _one_run_and_qrels(self) -> Self:
+        if (self.scores is None) == (self.run is None):
+            raise ValueError("give exactly one of --scores (Parquet) and --run (TREC run file)")
+        if not self.qrels:
+            raise ValueError("--qrels is required")
+        return self
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Self:
+        """Build settings from flags (``None`` ignored) and env vars.
+
+        Raises:
+            ConfigError: A value is invalid; the message names the setting.
+        """
+        try:
+            return cls(**{key: value for key, value in overrides.items() if value is not None})
+        except pydantic.ValidationError as exc:
+            raise ConfigError(_describe_validation_error(exc)) from None
 
 
 def _cli_type(annotation: Any) -> tuple[Any, Sequence[str] | None, bool]:
