@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -29,9 +30,11 @@ from jobs.scoring import (
 )
 from jobs.storage import InputPlan, count_rows, inspect_input, prepare_output, write_empty_output
 from reranker.errors import ConfigError, RerankError
-from reranker.settings import ModelSettings, RescoreSettings, add_settings_arguments, overrides_from_args
+from reranker.settings import JobSettings, RescoreSettings, add_settings_arguments, overrides_from_args
 
 logger = logging.getLogger("jobs.rescore")
+ROWS_PER_RANK_PARTITION = 100_000
+MAX_RANK_PARTITIONS = 200
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,10 @@ class JobSummary:
         )
 
 
-def output_schema(input_schema: pa.Schema, settings: RescoreSettings) -> pa.Schema:
+def output_schema(input_schema: pa.Schema, job: JobSettings) -> pa.Schema:
     """Input columns, then the float32 score column, then ``rank`` when asked for."""
-    schema = input_schema.append(pa.field(settings.score_column, pa.float32()))
-    return schema.append(pa.field("rank", pa.int32())) if settings.rank else schema
+    schema = input_schema.append(pa.field(job.score_column, pa.float32()))
+    return schema.append(pa.field("rank", pa.int32())) if job.rank else schema
 
 
 def run(settings: RescoreSettings) -> JobSummary:
@@ -69,24 +72,23 @@ def run(settings: RescoreSettings) -> JobSummary:
 
     """
     started = time.perf_counter()
-    if not settings.input or not settings.output:
+    job = settings.job
+    if not job.input or not job.output:
         raise ConfigError("both --input and --output are required (or RERANK_INPUT / RERANK_OUTPUT)")
-    plan = inspect_input(
-        settings.input, settings.storage_options, _text_columns(settings), _new_columns(settings)
-    )
-    output = prepare_output(settings.output, settings.storage_options, settings.overwrite)
+    plan = inspect_input(job.input, job.storage_options, _text_columns(job), _new_columns(job))
+    output = prepare_output(job.output, job.storage_options, job.overwrite)
     if plan.num_rows == 0:
-        write_empty_output(output, output_schema(plan.schema, settings))
+        write_empty_output(output, output_schema(plan.schema, job))
         return JobSummary(0, 0, 0, 0, 0, time.perf_counter() - started)
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
-    pool = plan_actor_pool(alive_node_resources(), settings)
+    pool = plan_actor_pool(alive_node_resources(), job, settings.model.torch_threads)
     logger.info("actor pool: %s", pool)
     stats = JobStats.remote()  # type: ignore[attr-defined]
     build_pipeline(plan, settings, pool, stats).write_parquet(
         output.path,
         filesystem=output.arrow_filesystem(),
-        ray_remote_args={"num_cpus": settings.io_cpus},
+        ray_remote_args={"num_cpus": job.io_cpus},
     )
     counts = ray.get(stats.snapshot.remote())
     return JobSummary(
@@ -103,50 +105,52 @@ def build_pipeline(
     plan: InputPlan, settings: RescoreSettings, pool: ActorPoolPlan, stats: ray.actor.ActorHandle
 ) -> ray.data.Dataset:
     """read_parquet -> map_batches(ScoreBatch) on the actor pool -> optional per-query ranking."""
+    job = settings.job
     dataset = ray.data.read_parquet(
         plan.files,
         filesystem=plan.location.arrow_filesystem(),
         file_extensions=None,
-        num_cpus=settings.io_cpus,
-    )
-    model_settings = ModelSettings.model_validate(
-        {**_model_fields(settings), "torch_threads": pool.torch_threads}
+        num_cpus=job.io_cpus,
     )
     dataset = dataset.map_batches(
         ScoreBatch,
         fn_constructor_kwargs={
-            "model_settings": model_settings,
-            "query_column": settings.query_column,
-            "passage_column": settings.passage_column,
-            "score_column": settings.score_column,
+            "model_settings": settings.model.model_copy(update={"torch_threads": pool.torch_threads}),
+            "query_column": job.query_column,
+            "passage_column": job.passage_column,
+            "score_column": job.score_column,
             "stats": stats,
         },
-        batch_size=settings.rows_per_batch,
+        batch_size=job.rows_per_batch,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
         num_cpus=pool.cpus_per_actor,
         num_gpus=pool.gpus_per_actor,
     )
-    if settings.group_column is None:
+    if job.group_column is None:
         return dataset
-    return dataset.groupby(settings.group_column).map_groups(
+    return dataset.groupby(job.group_column, num_partitions=rank_partitions(plan.num_rows)).map_groups(
         rank_group,  # type: ignore[arg-type]  # its extra parameters are bound by fn_kwargs
-        fn_kwargs={"score_column": settings.score_column, "add_rank": settings.rank, "top_k": settings.top_k},
+        fn_kwargs={"score_column": job.score_column, "add_rank": job.rank, "top_k": job.top_k},
         batch_format="pyarrow",
-        num_cpus=settings.io_cpus,
+        num_cpus=job.io_cpus,
     )
 
 
-def _model_fields(settings: RescoreSettings) -> dict[str, object]:
-    return {name: getattr(settings, name) for name in ModelSettings.model_fields if name != "config_file"}
+def rank_partitions(num_rows: int) -> int:
+    """Hash partitions for the per-query ranking: one per ``ROWS_PER_RANK_PARTITION`` rows, at most 200.
+
+    Ray Data's default is always 200, which makes a small job run 200 reduce tasks.
+    """
+    return max(1, min(MAX_RANK_PARTITIONS, math.ceil(num_rows / ROWS_PER_RANK_PARTITION)))
 
 
-def _text_columns(settings: RescoreSettings) -> list[str]:
-    return [settings.query_column, settings.passage_column]
+def _text_columns(job: JobSettings) -> list[str]:
+    return [job.query_column, job.passage_column]
 
 
-def _new_columns(settings: RescoreSettings) -> list[str]:
-    return [settings.score_column, *(["rank"] if settings.rank else [])]
+def _new_columns(job: JobSettings) -> list[str]:
+    return [job.score_column, *(["rank"] if job.rank else [])]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import ray
 
 from reranker.model import CrossEncoderModel
-from reranker.settings import ModelSettings, RescoreSettings
+from reranker.settings import JobSettings, ModelSettings
 
 MAX_CPUS_PER_ACTOR = 4.0
 
@@ -27,7 +27,9 @@ class ActorPoolPlan:
     torch_threads: int
 
 
-def plan_actor_pool(nodes: Sequence[Mapping[str, float]], settings: RescoreSettings) -> ActorPoolPlan:
+def plan_actor_pool(
+    nodes: Sequence[Mapping[str, float]], settings: JobSettings, torch_threads: int | None = None
+) -> ActorPoolPlan:
     """Size the actor pool from per-node resources.
 
     One actor per GPU when the cluster has GPUs. Otherwise CPU actors of at most
@@ -38,8 +40,9 @@ def plan_actor_pool(nodes: Sequence[Mapping[str, float]], settings: RescoreSetti
 
     Args:
         nodes: Resources of each alive node, e.g. ``{"CPU": 16.0, "GPU": 1.0}``.
-        settings: Explicit ``num_actors`` / ``cpus_per_actor`` / ``gpus_per_actor`` /
-            ``torch_threads`` win over the derived values.
+        settings: Explicit ``num_actors`` / ``cpus_per_actor`` / ``gpus_per_actor`` win over the
+            derived values.
+        torch_threads: The model setting; when given it wins over the derived thread count.
 
     """
     total_gpus = sum(node.get("GPU", 0.0) for node in nodes)
@@ -60,7 +63,7 @@ def plan_actor_pool(nodes: Sequence[Mapping[str, float]], settings: RescoreSetti
         )
         threads = max(1, round(node_cpus / max(1, math.floor(spare / cpus + 1e-9))))
     num_actors = settings.num_actors or max(1, fitting)
-    return ActorPoolPlan(num_actors, cpus, gpus, settings.torch_threads or threads)
+    return ActorPoolPlan(num_actors, cpus, gpus, torch_threads or threads)
 
 
 def alive_node_resources() -> list[dict[str, float]]:

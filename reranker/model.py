@@ -1,7 +1,9 @@
 """The cross-encoder used unchanged by the offline job and the online service.
 
 Pipeline per call: tokenize all pairs once (truncating to ``max_length``) -> plan length-aware
-batches -> forward each batch -> post-process (relevance logit, fixed activation) -> input order.
+batches -> forward each batch -> post-process (relevance logit, the call's activation) -> input order.
+Only this class touches the tokenizer and the weights; every per-call option is an argument, so
+concurrent callers (a Serve replica's requests) never change each other's results.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,13 +21,13 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from reranker.batching import pad_rows, plan_batches
 from reranker.errors import ConfigError, ModelLoadError
 from reranker.settings import ModelSettings
+from reranker.types import Activation, TruncationSide
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _CPU_BATCH_TOKENS = 2048
 _GPU_BATCH_TOKENS = 65536
-TruncationSide = Literal["right", "left"]
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -122,13 +124,25 @@ class CrossEncoderModel:
         passages: Sequence[str],
         max_length: int | None = None,
         truncation_side: TruncationSide = "right",
+        max_passage_tokens: int | None = None,
     ) -> EncodedPairs:
-        """Tokenize pairs, truncating the longer side first (at its end, or start if "left")."""
+        """Tokenize pairs, truncating the longer side first (at its end, or start if "left").
+
+        Args:
+            queries: Query of each pair.
+            passages: Passage of each pair.
+            max_length: Tokens per pair, at most the model's ``max_length``.
+            truncation_side: Which end of a text truncation cuts.
+            max_passage_tokens: Cut each passage to this many of its own tokens first (Cohere's
+                ``max_tokens_per_doc``), from the same side.
+        """
         limit = min(max_length or self.max_length, self.max_length)
         with self._tokenizer_lock:
             default_side = self.tokenizer.truncation_side
             self.tokenizer.truncation_side = truncation_side
             try:
+                if max_passage_tokens is not None:
+                    passages = self._cut_passages(passages, max_passage_tokens)
                 encoding = self.tokenizer(
                     list(queries), list(passages), truncation="longest_first", max_length=limit
                 )
@@ -142,6 +156,35 @@ class CrossEncoderModel:
             truncated = lengths >= limit
         token_types = encoding.get("token_type_ids") if self._uses_token_types else None
         return EncodedPairs(input_ids, token_types, lengths, truncated)
+
+    def _cut_passages(self, passages: Sequence[str], max_tokens: int) -> list[str]:
+        """Each passage cut to at most ``max_tokens`` of its own tokens, from the tokenizer's side.
+
+        The cut falls between whole words (a word split across the limit is left out), so the text
+        re-tokenizes to exactly the kept tokens.
+        """
+        if not self.tokenizer.is_fast:  # no offsets: rebuild the text from the kept tokens
+            ids = self.tokenizer(
+                list(passages), add_special_tokens=False, truncation=True, max_length=max_tokens
+            )
+            return self.tokenizer.batch_decode(ids["input_ids"])
+        encoding = self.tokenizer(
+            list(passages),
+            add_special_tokens=False,
+            truncation=True,
+            max_length=max_tokens + 1,  # one more token tells whether the limit splits a word
+            return_offsets_mapping=True,
+        )
+        from_left = self.tokenizer.truncation_side == "left"
+        cut = []
+        for index, text in enumerate(passages):
+            offsets, words = encoding["offset_mapping"][index], encoding.word_ids(index)
+            if len(offsets) <= max_tokens:
+                cut.append(text)
+                continue
+            kept = _whole_word_window(words, max_tokens, from_left)
+            cut.append(text[offsets[kept.start][0] : offsets[kept.stop - 1][1]] if kept else "")
+        return cut
 
     @torch.inference_mode()
     def forward(self, encoded: EncodedPairs, batch: np.ndarray) -> np.ndarray:
@@ -166,23 +209,35 @@ class CrossEncoderModel:
         passages: Sequence[str],
         max_length: int | None = None,
         truncation_side: TruncationSide = "right",
+        activation: Activation | None = None,
     ) -> ScoreResult:
-        """Score pairs ``(queries[i], passages[i])``; scores come back float32 in input order."""
+        """Score pairs ``(queries[i], passages[i])``; scores come back float32 in input order.
+
+        ``activation`` defaults to the setting; raw logits ("none") or "sigmoid".
+        """
         if len(queries) != len(passages):
             raise ValueError("queries and passages must have the same length")
         if not len(queries):
             return ScoreResult(np.empty(0, dtype=np.float32), 0, 0)
         encoded = self.tokenize(queries, passages, max_length, truncation_side)
         return ScoreResult(
-            self.score_encoded(encoded), int(encoded.lengths.sum()), int(encoded.truncated.sum())
+            self.score_encoded(encoded, activation=activation),
+            int(encoded.lengths.sum()),
+            int(encoded.truncated.sum()),
         )
 
-    def score_encoded(self, encoded: EncodedPairs) -> np.ndarray:
-        """Score already tokenized pairs in length-aware batches; float32 in input order."""
+    def score_encoded(
+        self, encoded: EncodedPairs, max_batch_pairs: int | None = None, activation: Activation | None = None
+    ) -> np.ndarray:
+        """Score already tokenized pairs in length-aware batches; float32 in input order.
+
+        ``max_batch_pairs`` and ``activation`` default to the settings.
+        """
         scores = np.empty(len(encoded.lengths), dtype=np.float32)
-        for batch in plan_batches(encoded.lengths, self.max_batch_tokens, self.settings.max_batch_pairs):
+        pairs_cap = max_batch_pairs or self.settings.max_batch_pairs
+        for batch in plan_batches(encoded.lengths, self.max_batch_tokens, pairs_cap):
             scores[batch] = self.forward(encoded, batch)
-        return sigmoid(scores) if self.settings.activation == "sigmoid" else scores
+        return sigmoid(scores) if (activation or self.settings.activation) == "sigmoid" else scores
 
     def predict(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         """Score ``(query, passage)`` pairs, like ``CrossEncoder.predict``."""
@@ -210,6 +265,21 @@ class CrossEncoderModel:
                 result["text"] = documents[index]
             results.append(result)
         return results
+
+
+def _whole_word_window(words: list[int | None], size: int, from_left: bool) -> range:
+    """Token positions of the ``size`` tokens kept at one end, less a word the limit cuts through.
+
+    ``words`` holds ``size + 1`` word ids: the kept tokens plus the first one dropped.
+    """
+    kept = range(1, size + 1) if from_left else range(size)
+    dropped = 0 if from_left else size
+    boundary = kept.start if from_left else kept.stop - 1
+    if words[dropped] is None or words[dropped] != words[boundary]:
+        return kept
+    split_word = words[boundary]
+    positions = [i for i in kept if words[i] != split_word]
+    return range(positions[0], positions[-1] + 1) if positions else range(0)
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:

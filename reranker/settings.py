@@ -1,5 +1,7 @@
-"""Settings: one frozen object per process.
+"""Settings: one frozen object per process, composed of sections.
 
+``ModelSettings`` (how to load and run the model) is shared; the job adds ``JobSettings`` and the
+service ``ServingSettings``. Every setting name has one meaning and one default, written here.
 Precedence, highest first: CLI flags (passed as keyword overrides), ``RERANK_*`` environment
 variables, the YAML config file (``--config`` / ``RERANK_CONFIG``), then the defaults below.
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import types
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Self, Union, get_args, get_origin
@@ -15,27 +18,13 @@ from typing import Any, Literal, Self, Union, get_args, get_origin
 import fsspec
 import pydantic
 import yaml
-from pydantic import Field, model_validator
-from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from reranker.errors import ConfigError
+from reranker.types import Activation
 
 DEFAULT_MODEL = "cross-encoder/ms-marco-TinyBERT-L2-v2"
-
-
-class _YamlFileSource(PydanticBaseSettingsSource):
-    """Reads the YAML file named by the ``config_file`` value of higher-priority sources."""
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False  # unused: __call__ returns the whole mapping
-
-    def __call__(self) -> dict[str, Any]:
-        state = self.current_state
-        path = state.get("RERANK_CONFIG") or state.get("config_file")
-        if not path:
-            return {}
-        return read_config_file(str(path))
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -58,34 +47,10 @@ def read_config_file(path: str) -> dict[str, Any]:
     return values
 
 
-class ModelSettings(BaseSettings):
-    """How to load and run the cross-encoder; shared by the job and the service."""
+class SettingsSection(BaseSettings):
+    """One group of settings: flags (init keywords) beat ``RERANK_*`` env vars, which beat file values."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="RERANK_", frozen=True, extra="forbid", populate_by_name=True
-    )
-
-    config_file: str | None = Field(
-        None,
-        validation_alias="RERANK_CONFIG",
-        description="YAML file of settings (lower precedence than env vars and flags).",
-    )
-    model: str = Field(DEFAULT_MODEL, description="Hugging Face hub id or local directory.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
-    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N.")
-    precision: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="Weights/compute dtype; fp16 needs a GPU."
-    )
-    max_length: int = Field(512, ge=8, description="Max tokens per pair, capped by the model.")
-    activation: Literal["none", "sigmoid"] = Field(
-        "none", description="Fixed at load: raw logits (none) or sigmoid."
-    )
-    max_batch_tokens: int | None = Field(
-        None, ge=64, description="Padded-token budget per forward pass (auto: CPU 2048, GPU 65536)."
-    )
-    max_batch_pairs: int = Field(1024, ge=1, description="Max pairs per forward pass.")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (auto).")
-    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+    model_config = SettingsConfigDict(env_prefix="RERANK_", frozen=True, extra="forbid")
 
     @classmethod
     def settings_customise_sources(
@@ -96,43 +61,49 @@ class ModelSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Order the sources: init kwargs (CLI flags), then env vars, then the YAML file."""
-        return init_settings, env_settings, _YamlFileSource(settings_cls)
+        """Only flags and env vars; config-file values are merged in by ``load``."""
+        return init_settings, env_settings
 
     @classmethod
     def load(cls, file_values: Mapping[str, Any] | None = None, **overrides: Any) -> Self:
-        """Build settings from overrides, env vars and config-file values.
-
-        Args:
-            file_values: Values at config-file precedence (e.g. a Serve config's ``args``):
-                flags, env vars and ``RERANK_CONFIG`` beat them.
-            **overrides: Values that beat every other source (CLI flags); ``None`` is ignored.
+        """Build the section from flags (``None`` ignored), env vars and config-file values.
 
         Raises:
             ConfigError: A value is invalid; the message names the setting.
         """
-        given = {key: value for key, value in overrides.items() if value is not None}
+        flags = {key: value for key, value in overrides.items() if value is not None}
         try:
-            settings = cls(**given)
-            if not file_values:
-                return settings
-            explicit = {name: getattr(settings, name) for name in settings.model_fields_set}
-            return cls(**{**file_values, **explicit})
+            from_env = EnvSettingsSource(cls)()
+            return cls(**{**(file_values or {}), **from_env, **flags})
         except pydantic.ValidationError as exc:
             raise ConfigError(_describe_validation_error(exc)) from None
 
 
-def _describe_validation_error(exc: pydantic.ValidationError) -> str:
-    problems = []
-    for error in exc.errors():
-        message = error["msg"].removeprefix("Value error, ")
-        name = ".".join(str(part) for part in error["loc"])
-        problems.append(f"{name}: {message}" if name else message)
-    return "invalid settings: " + "; ".join(problems)
+class ModelSettings(SettingsSection):
+    """How to load and run the cross-encoder; shared by the job and the service."""
+
+    model: str = Field(DEFAULT_MODEL, description="Hugging Face hub id or local directory.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N.")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="Weights/compute dtype; fp16 needs a GPU."
+    )
+    max_length: int = Field(512, ge=8, description="Max tokens per pair, capped by the model.")
+    activation: Activation = Field(
+        "none", description="Scores as raw logits (none) or sigmoid (the service picks per request)."
+    )
+    max_batch_tokens: int | None = Field(
+        None, ge=64, description="Padded-token budget per forward pass (auto: CPU 2048, GPU 65536)."
+    )
+    max_batch_pairs: int = Field(
+        1024, ge=1, description="Max pairs per model batch (the service coalesces requests up to it)."
+    )
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (auto).")
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
 
 
-class RescoreSettings(ModelSettings):
-    """Settings of the offline rescoring job (``python -m jobs.rescore``)."""
+class JobSettings(SettingsSection):
+    """What the offline rescoring job reads and writes, and how it sizes its actor pool."""
 
     input: str | None = Field(None, description="Parquet file, directory or glob (any fsspec URI).")
     output: str | None = Field(None, description="Output Parquet dataset directory (fsspec URI).")
@@ -161,20 +132,90 @@ class RescoreSettings(ModelSettings):
         return self
 
 
-class ServeSettings(ModelSettings):
-    """Settings of the online service (``serve/``); batching knobs also come via ``user_config``."""
+class ServingSettings(SettingsSection):
+    """The online service's own settings; the batching ones also change through ``user_config``."""
 
     served_model_name: str | None = Field(None, description="Model name clients send (default: model).")
     api_key: pydantic.SecretStr | None = Field(None, description="Require 'Authorization: Bearer KEY'.")
     max_documents: int = Field(1000, ge=1, description="Max documents (or pairs) per request.")
     max_document_chars: int = Field(20_000, ge=1, description="Max characters per document/query.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Max request body size.")
-    max_batch_pairs: int = Field(256, ge=1, description="Pairs coalesced into one model batch.")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="Extra wait for requests to batch (batches also form while the model is busy)."
     )
     max_pending_pairs: int = Field(8192, ge=1, description="Queue bound per replica; past it: 503.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds on 503 overload answers.")
+
+
+class ComposedSettings(BaseModel):
+    """Settings made of sections; one config file (``--config`` / ``RERANK_CONFIG``) feeds them all."""
+
+    model_config = ConfigDict(frozen=True)
+
+    @classmethod
+    def sections(cls) -> dict[str, type[SettingsSection]]:
+        """Each section's attribute name and class."""
+        return {name: field.annotation for name, field in cls.model_fields.items()}  # type: ignore[misc]
+
+    @classmethod
+    def load(
+        cls, file_values: Mapping[str, Any] | None = None, config_file: str | None = None, **overrides: Any
+    ) -> Self:
+        """Build every section. Precedence: flags > env vars > config file > ``file_values`` > defaults.
+
+        Args:
+            file_values: Values below the config file (e.g. a Serve config's ``args``).
+            config_file: YAML file of settings; else ``RERANK_CONFIG``.
+            **overrides: Flags; ``None`` means not given.
+
+        Raises:
+            ConfigError: Unknown or invalid settings; the message names them.
+        """
+        path = config_file or os.environ.get("RERANK_CONFIG")
+        layered = {**(file_values or {}), **(read_config_file(path) if path else {})}
+        sections = cls.sections()
+        known = {name for section in sections.values() for name in section.model_fields}
+        unknown = sorted(set(layered) - known) + sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)} (in {path or 'the given values'})")
+        return cls(
+            **{
+                name: section.load(_pick(layered, section), **_pick(overrides, section))
+                for name, section in sections.items()
+            }
+        )
+
+
+def _pick(values: Mapping[str, Any], section: type[SettingsSection]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if key in section.model_fields}
+
+
+def _describe_validation_error(exc: pydantic.ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        name = ".".join(str(part) for part in error["loc"])
+        problems.append(f"{name}: {message}" if name else message)
+    return "invalid settings: " + "; ".join(problems)
+
+
+class RescoreSettings(ComposedSettings):
+    """Settings of the offline rescoring job (``python -m jobs.rescore``)."""
+
+    model: ModelSettings
+    job: JobSettings
+
+
+class ServeSettings(ComposedSettings):
+    """Settings of the online service (``serve/``)."""
+
+    model: ModelSettings
+    serving: ServingSettings
+
+    @property
+    def served_model_name(self) -> str:
+        """The name clients send and see: ``served_model_name``, else the model id."""
+        return self.serving.served_model_name or self.model.model
 
 
 class EvaluateSettings(BaseSettings):
@@ -227,13 +268,22 @@ def _cli_type(annotation: Any) -> tuple[Any, Sequence[str] | None, bool]:
     return annotation, None, False
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings]) -> None:
-    """Add one ``--flag`` per settings field; unset flags stay out of the overrides."""
+def add_settings_arguments(
+    parser: argparse.ArgumentParser, settings_cls: type[BaseSettings] | type[ComposedSettings]
+) -> None:
+    """Add one ``--flag`` per setting (and ``--config`` for composed settings); unset flags stay unset."""
+    if issubclass(settings_cls, ComposedSettings):
+        parser.add_argument(
+            "--config", dest="config_file", default=None, help="YAML file of settings [env RERANK_CONFIG]"
+        )
+        for section in settings_cls.sections().values():
+            add_settings_arguments(parser, section)
+        return
+    prefix = settings_cls.model_config.get("env_prefix", "")
     for name, field in settings_cls.model_fields.items():
-        flag = "--config" if name == "config_file" else "--" + name.replace("_", "-")
         kind, choices, is_bool = _cli_type(field.annotation)
-        env_name = field.validation_alias if isinstance(field.validation_alias, str) else None
-        help_text = f"{field.description} [env {env_name or 'RERANK_' + name.upper()}]"
+        help_text = f"{field.description} [env {prefix}{name.upper()}]"
+        flag = "--" + name.replace("_", "-")
         if is_bool:
             parser.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text

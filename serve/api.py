@@ -1,39 +1,53 @@
-"""HTTP edge: FastAPI routes for the rerank APIs. Domain errors become HTTP errors only here.
+"""HTTP edge: FastAPI routes for the rerank APIs. Errors become HTTP answers only here.
 
-Routes read the per-replica ``RerankService`` from ``app.state.service``.
+Typed bodies (validated and documented by FastAPI), and dependencies for what every route needs:
+the replica's ``RerankService``, the API-key check, and the deployment's request limits.
+
+No ``from __future__ import annotations`` here: Serve pickles the app to its replicas, and FastAPI
+needs the annotations as objects there, not as strings to resolve against the module's globals.
 """
 
-from __future__ import annotations
-
-import json
+import secrets
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
-import pydantic
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError as FastAPIValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reranker.errors import (
+from reranker.errors import RerankError
+from reranker.model import sigmoid
+from reranker.settings import ServeSettings
+from serve.engine import RerankEngine, Truncation
+from serve.errors import (
     AuthenticationError,
     InvalidRequestError,
     ModelNotFoundError,
     OverloadedError,
     PayloadTooLargeError,
-    RerankError,
-    ValidationError,
+    RequestValidationError,
+    status_of,
 )
-from reranker.model import TruncationSide, sigmoid
-from reranker.schemas import (
+from serve.metrics import RerankMetrics
+from serve.schemas import (
+    UNION_TAGS,
+    AnyRerankRequest,
     ErrorResponse,
+    Health,
+    InputTokens,
+    ModelCard,
+    ModelList,
     RequestLimits,
     RerankDocument,
+    RerankMeta,
     RerankRequest,
     RerankResponse,
     RerankResult,
@@ -43,20 +57,8 @@ from reranker.schemas import (
     TEIRerankRequest,
     Usage,
 )
-from reranker.settings import ServeSettings
-from serve.engine import RerankEngine, Scored
-from serve.metrics import RerankMetrics
 
-STATUS_BY_ERROR: dict[type[RerankError], int] = {
-    InvalidRequestError: 400,
-    AuthenticationError: 401,
-    ModelNotFoundError: 404,
-    PayloadTooLargeError: 413,
-    ValidationError: 422,
-    OverloadedError: 503,
-}
-OPEN_PATHS = {"/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
-Schema = TypeVar("Schema", bound=pydantic.BaseModel)
+Body = TypeVar("Body", bound=RerankRequest | TEIRerankRequest | ScoreRequest)
 
 
 @dataclass
@@ -66,25 +68,24 @@ class RerankService:
     settings: ServeSettings
     engine: RerankEngine
     metrics: RerankMetrics | None
-    started: int
+    started: int = field(default_factory=lambda: int(time.time()))
 
     @property
-    def model_names(self) -> set[str]:
-        """Names a request's ``model`` field may use."""
-        return {self.settings.served_model_name or self.settings.model, self.settings.model}
+    def limits(self) -> RequestLimits:
+        """The deployment's per-request limits."""
+        serving = self.settings.serving
+        return RequestLimits(serving.max_documents, serving.max_document_chars)
 
-    @property
-    def model_name(self) -> str:
-        """The name reported in responses."""
-        return self.settings.served_model_name or self.settings.model
+    def check_model(self, requested: str | None) -> None:
+        """Reject a request that names a model this server does not serve."""
+        served = self.settings.served_model_name
+        if requested and requested not in {served, self.settings.model.model}:
+            raise ModelNotFoundError(f"model: {requested!r} is not served here; use {served!r}")
 
-
-def error_response(
-    status: int, error_type: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    """The one error shape: ``{"error": {"type", "message"}}``."""
-    body = ErrorResponse.model_validate({"error": {"type": error_type, "message": message}})
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    def count(self, route: str) -> None:
+        """Count one request of ``route``."""
+        if self.metrics is not None:
+            self.metrics.requests.inc(tags={"route": route})
 
 
 def find_service(request: Request) -> RerankService | None:
@@ -98,11 +99,182 @@ def find_service(request: Request) -> RerankService | None:
     return service
 
 
-def _service(request: Request) -> RerankService:
+def get_service(request: Request) -> RerankService:
+    """Dependency: the replica's service (503 while the model is still loading)."""
     service = find_service(request)
     if service is None:
         raise OverloadedError("model is not loaded yet")
     return service
+
+
+Service = Annotated[RerankService, Depends(get_service)]
+_bearer = HTTPBearer(auto_error=False, description="Needed when the server has an API key.")
+
+
+def require_api_key(
+    service: Service, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """Dependency: with an API key configured, ``Authorization: Bearer KEY`` (constant-time compare)."""
+    key = service.settings.serving.api_key
+    if key is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not secrets.compare_digest(given.encode(), key.get_secret_value().encode()):
+        raise AuthenticationError("missing or invalid API key")
+
+
+def _within_limits(body: Body, service: RerankService) -> Body:
+    try:
+        body.check_limits(service.limits)
+    except ValueError as exc:
+        raise RequestValidationError(str(exc)) from None
+    return body
+
+
+def rerank_body(body: RerankRequest, service: Service) -> RerankRequest:
+    """Dependency: a Cohere / Jina / vLLM body within the deployment's limits."""
+    return _within_limits(body, service)
+
+
+def any_rerank_body(body: AnyRerankRequest, service: Service) -> RerankRequest | TEIRerankRequest:
+    """Dependency: a ``/rerank`` body of either shape, within the deployment's limits."""
+    return _within_limits(body, service)
+
+
+def score_body(body: ScoreRequest, service: Service) -> ScoreRequest:
+    """Dependency: a pair-scoring body within the deployment's limits."""
+    return _within_limits(body, service)
+
+
+def create_api() -> FastAPI:
+    """The FastAPI app; a replica attaches its ``RerankService`` to ``app.state.service``."""
+    app = FastAPI(
+        title="ray-rerank",
+        version="0.1.0",
+        description="Cross-encoder reranking on Ray Serve.",
+        responses={
+            400: {"model": ErrorResponse},
+            422: {"model": ErrorResponse},
+            503: {"model": ErrorResponse},
+        },
+    )
+    _install_error_handlers(app)
+    app.add_middleware(BodySizeLimit)
+    app.include_router(_rerank_routes(), dependencies=[Depends(require_api_key)])
+    app.include_router(_info_routes())
+    return app
+
+
+def _rerank_routes() -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/rerank", response_model=RerankResponse)
+    @router.post("/v2/rerank", response_model=RerankResponse)
+    async def rerank_documents(
+        body: Annotated[RerankRequest, Depends(rerank_body)], service: Service
+    ) -> RerankResponse:
+        """Cohere / Jina / vLLM rerank: sigmoid relevance, best first."""
+        return await rerank_cohere(service, body)
+
+    @router.post("/rerank", response_model=RerankResponse | list[TEIRank])
+    async def rerank_any(
+        body: Annotated[RerankRequest | TEIRerankRequest, Depends(any_rerank_body)], service: Service
+    ) -> RerankResponse | list[TEIRank]:
+        """``texts`` in the body: TEI rerank (a bare sorted array); ``documents``: Cohere / Jina / vLLM."""
+        if isinstance(body, TEIRerankRequest):
+            return await rerank_tei(service, body)
+        return await rerank_cohere(service, body)
+
+    @router.post("/score", response_model=ScoreResponse)
+    async def score_pairs(
+        body: Annotated[ScoreRequest, Depends(score_body)], service: Service
+    ) -> ScoreResponse:
+        """Score (query, passage) pairs; scores in input order (raw logits unless raw_scores=false)."""
+        service.check_model(body.model)
+        service.count("score")
+        scored = await service.engine.score([q for q, _ in body.pairs], [p for _, p in body.pairs])
+        scores = scored.scores if body.raw_scores else sigmoid(scored.scores)
+        return ScoreResponse(
+            model=service.settings.served_model_name,
+            scores=scores.tolist(),
+            usage=Usage(total_tokens=scored.num_tokens),
+        )
+
+    return router
+
+
+async def rerank_cohere(service: RerankService, body: RerankRequest) -> RerankResponse:
+    """Score the documents (each cut to ``max_tokens_per_doc`` tokens) and sort them best first."""
+    service.check_model(body.model)
+    service.count("rerank")
+    documents = body.texts()
+    truncation = Truncation(max_passage_tokens=body.max_tokens_per_doc)
+    scored = await service.engine.score([body.query] * len(documents), documents, truncation)
+    relevance = sigmoid(scored.scores)
+    order = np.argsort(-relevance, kind="stable")[: body.top_n]
+    results = [
+        RerankResult(
+            index=int(i),
+            relevance_score=float(relevance[i]),
+            document=RerankDocument(text=documents[i]) if body.return_documents else None,
+        )
+        for i in order
+    ]
+    return RerankResponse(
+        id=str(uuid.uuid4()),
+        model=service.settings.served_model_name,
+        results=results,
+        usage=Usage(total_tokens=scored.num_tokens),
+        meta=RerankMeta(
+            tokens=InputTokens(input_tokens=scored.num_tokens), truncated_documents=scored.num_truncated
+        ),
+    )
+
+
+async def rerank_tei(service: RerankService, body: TEIRerankRequest) -> list[TEIRank]:
+    """TEI rerank: every text scored and sorted, truncated from ``truncation_direction``."""
+    service.count("rerank_tei")
+    truncation = Truncation(side=body.truncation_direction)
+    scored = await service.engine.score([body.query] * len(body.texts), body.texts, truncation)
+    if not body.truncate and scored.num_truncated:
+        raise PayloadTooLargeError(
+            f"texts: {scored.num_truncated} inputs exceed {service.engine.max_length} tokens "
+            "and truncate is false"
+        )
+    scores = scored.scores if body.raw_scores else sigmoid(scored.scores)
+    order = np.argsort(-scores, kind="stable")
+    return [
+        TEIRank(index=int(i), score=float(scores[i]), text=body.texts[i] if body.return_text else None)
+        for i in order
+    ]
+
+
+def _info_routes() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health", response_model=Health)
+    async def health(service: Service) -> Health:
+        """200 when the model scores a probe pair, else 503."""
+        try:
+            await service.engine.health_check()
+        except Exception as exc:
+            raise OverloadedError(f"model cannot score: {exc}") from exc
+        return Health()
+
+    @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_api_key)])
+    async def list_models(service: Service) -> ModelList:
+        """OpenAI-style model list."""
+        return ModelList(data=[ModelCard(id=service.settings.served_model_name, created=service.started)])
+
+    return router
+
+
+def error_response(
+    status: int, error_type: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The one error shape: ``{"error": {"type", "message"}}``."""
+    body = ErrorResponse.model_validate({"error": {"type": error_type, "message": message}})
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def _count_error(request: Request, error_type: str) -> None:
@@ -115,16 +287,18 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RerankError)
     async def on_domain_error(request: Request, exc: RerankError) -> JSONResponse:
         _count_error(request, exc.error_type)
-        status = STATUS_BY_ERROR.get(type(exc), 400)
         headers = None
         if isinstance(exc, OverloadedError):
-            headers = {"Retry-After": str(_service(request).settings.retry_after_s)}
-        return error_response(status, exc.error_type, str(exc), headers)
+            service = find_service(request)
+            retry_after = service.settings.serving.retry_after_s if service is not None else 1
+            headers = {"Retry-After": str(retry_after)}
+        return error_response(status_of(exc), exc.error_type, str(exc), headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def on_request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        _count_error(request, ValidationError.error_type)
-        return error_response(422, ValidationError.error_type, describe_errors(exc.errors()))
+    @app.exception_handler(FastAPIValidationError)
+    async def on_request_validation(request: Request, exc: FastAPIValidationError) -> JSONResponse:
+        error = request_error(list(exc.errors()))
+        _count_error(request, error.error_type)
+        return error_response(status_of(error), error.error_type, str(error))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -137,219 +311,68 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
 
-def describe_errors(errors: Any) -> str:
+def request_error(errors: list[Any]) -> RerankError:
+    """FastAPI's validation errors as ours: unparseable bodies are 400, the rest 422 naming the field."""
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            return InvalidRequestError(f"body is not valid JSON: {error.get('ctx', {}).get('error', '')}")
+        if tuple(error.get("loc", ())) == ("body",) and error.get("type") != "missing":
+            return InvalidRequestError("body must be a JSON object")
+    return RequestValidationError(describe_errors(errors))
+
+
+def describe_errors(errors: list[Any]) -> str:
     """Pydantic errors as ``field: message; ...`` (the field path is always named)."""
     parts = []
     for error in errors:
-        location = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
-        parts.append(f"{location}: {error.get('msg', 'invalid')}")
+        path = [str(part) for part in error.get("loc", ()) if part != "body" and part not in UNION_TAGS]
+        parts.append(f"{'.'.join(path) or 'body'}: {error.get('msg', 'invalid')}")
     return "; ".join(parts)
 
 
-async def parse_body(request: Request, schema: type[Schema], body: dict[str, Any] | None = None) -> Schema:
-    """Validate a JSON body against ``schema`` with the replica's limits in the context."""
-    payload = body if body is not None else await read_json(request)
-    settings = _service(request).settings
-    limits = RequestLimits(settings.max_documents, settings.max_document_chars)
-    try:
-        return schema.model_validate(payload, context={"limits": limits})
-    except pydantic.ValidationError as exc:
-        raise ValidationError(describe_errors(exc.errors())) from None
+class BodySizeLimit:
+    """ASGI middleware: 413 for a body over the replica's ``max_body_bytes``, before any parsing.
+
+    The body is read here (up to the limit) and handed on whole, so a chunked upload without a
+    ``Content-Length`` is bounded too.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Read the body up to the limit, then pass the request on (or answer 413)."""
+        service = find_service(Request(scope)) if scope["type"] == "http" else None
+        if service is None:
+            await self.app(scope, receive, send)
+            return
+        limit = service.settings.serving.max_body_bytes
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > limit:
+                error = PayloadTooLargeError(f"request body exceeds {limit} bytes")
+                _count_error(Request(scope), error.error_type)
+                await error_response(413, error.error_type, str(error))(scope, receive, send)
+                return
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
 
 
-async def read_json(request: Request) -> dict[str, Any]:
-    """Read the body as a JSON object, enforcing the body size limit."""
-    limit = _service(request).settings.max_body_bytes
-    if int(request.headers.get("content-length") or 0) > limit:
-        raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
-    raw = await request.body()
-    if len(raw) > limit:
-        raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
-    try:
-        payload = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise InvalidRequestError("body must be a JSON object")
-    return payload
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that first returns the already-read body, then defers to the real one."""
+    sent = False
 
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
 
-def check_model(service: RerankService, requested: str | None) -> None:
-    """Reject a request that names a model this server does not serve."""
-    if requested and requested not in service.model_names:
-        raise ModelNotFoundError(f"model: {requested!r} is not served here; use {service.model_name!r}")
-
-
-def _openapi_body(schema: type[pydantic.BaseModel]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": schema.model_json_schema()}},
-        }
-    }
-
-
-def create_api() -> FastAPI:
-    """The FastAPI app; a replica attaches its ``RerankService`` to ``app.state.service``."""
-    app = FastAPI(title="ray-rerank", version="0.1.0", description="Cross-encoder reranking on Ray Serve.")
-    _install_error_handlers(app)
-
-    @app.middleware("http")
-    async def require_api_key(request: Request, call_next: Any) -> Any:
-        service = find_service(request)
-        key = service.settings.api_key if service is not None else None
-        expected = f"Bearer {key.get_secret_value()}" if key is not None else None
-        path = request.url.path.removeprefix(request.scope.get("root_path", "")) or "/"
-        if expected and path not in OPEN_PATHS and request.headers.get("authorization") != expected:
-            _count_error(request, AuthenticationError.error_type)
-            return error_response(401, AuthenticationError.error_type, "missing or invalid API key")
-        return await call_next(request)
-
-    _add_rerank_routes(app)
-    _add_info_routes(app)
-    return app
-
-
-def _add_rerank_routes(app: FastAPI) -> None:
-    @app.post("/v1/rerank", response_model=RerankResponse, openapi_extra=_openapi_body(RerankRequest))
-    @app.post("/v2/rerank", response_model=RerankResponse, openapi_extra=_openapi_body(RerankRequest))
-    async def rerank_documents(request: Request) -> RerankResponse:
-        """Cohere / Jina / vLLM rerank."""
-        return await _rerank_documents(request, await parse_body(request, RerankRequest))
-
-    @app.post(
-        "/rerank",
-        response_model=RerankResponse | list[TEIRank],
-        openapi_extra={
-            "requestBody": {
-                "content": {
-                    "application/json": {
-                        "schema": {
-                            "anyOf": [RerankRequest.model_json_schema(), TEIRerankRequest.model_json_schema()]
-                        }
-                    }
-                }
-            }
-        },
-    )
-    async def rerank_any(request: Request) -> RerankResponse | list[TEIRank]:
-        """``texts`` in the body: TEI rerank; ``documents``: Cohere / Jina / vLLM rerank."""
-        body = await read_json(request)
-        if "texts" in body:
-            return await _rerank_tei(request, await parse_body(request, TEIRerankRequest, body))
-        return await _rerank_documents(request, await parse_body(request, RerankRequest, body))
-
-    @app.post("/score", response_model=ScoreResponse, openapi_extra=_openapi_body(ScoreRequest))
-    async def score_pairs(request: Request) -> ScoreResponse:
-        """Score (query, passage) pairs; scores in input order (raw logits unless raw_scores=false)."""
-        service = _service(request)
-        payload = await parse_body(request, ScoreRequest)
-        check_model(service, payload.model)
-        _count_request(service, "score")
-        scored = await service.engine.score([q for q, _ in payload.pairs], [p for _, p in payload.pairs])
-        scores = scored.scores if payload.raw_scores else sigmoid(scored.scores)
-        return ScoreResponse(
-            model=service.model_name, scores=scores.tolist(), usage=Usage(total_tokens=scored.num_tokens)
-        )
-
-
-def _count_request(service: RerankService, route: str) -> None:
-    if service.metrics is not None:
-        service.metrics.requests.inc(tags={"route": route})
-
-
-async def _score_documents(
-    service: RerankService,
-    query: str,
-    documents: list[str],
-    max_length: int | None = None,
-    side: TruncationSide = "right",
-) -> Scored:
-    return await service.engine.score([query] * len(documents), documents, max_length, side)
-
-
-async def _rerank_documents(request: Request, payload: RerankRequest) -> RerankResponse:
-    service = _service(request)
-    check_model(service, payload.model)
-    _count_request(service, "rerank")
-    documents = payload.texts()
-    max_length = None
-    if payload.max_tokens_per_doc is not None:
-        query_tokens = len(service.engine.model.tokenizer(payload.query)["input_ids"])
-        max_length = query_tokens + payload.max_tokens_per_doc + 1
-    scored = await _score_documents(service, payload.query, documents, max_length)
-    relevance = sigmoid(scored.scores)
-    order = np.argsort(-relevance, kind="stable")[: payload.top_n]
-    results = [
-        RerankResult(
-            index=int(i),
-            relevance_score=float(relevance[i]),
-            document=RerankDocument(text=documents[i]) if payload.return_documents else None,
-        )
-        for i in order
-    ]
-    return RerankResponse(
-        id=str(uuid.uuid4()),
-        model=service.model_name,
-        results=results,
-        usage=Usage(total_tokens=scored.num_tokens),
-        meta={
-            "api_version": {"version": "2"},
-            "billed_units": {"search_units": 1},
-            "tokens": {"input_tokens": scored.num_tokens},
-            "truncated_documents": scored.num_truncated,
-            "batch": {"requests": scored.batch_requests, "pairs": scored.batch_pairs},
-        },
-    )
-
-
-async def _rerank_tei(request: Request, payload: TEIRerankRequest) -> list[TEIRank]:
-    service = _service(request)
-    _count_request(service, "rerank_tei")
-    scored = await _score_documents(service, payload.query, payload.texts, side=payload.truncation_direction)
-    if not payload.truncate and scored.num_truncated:
-        raise PayloadTooLargeError(
-            f"texts: {scored.num_truncated} inputs exceed {service.engine.model.max_length} tokens "
-            "and truncate is false"
-        )
-    scores = scored.scores if payload.raw_scores else sigmoid(scored.scores)
-    order = np.argsort(-scores, kind="stable")
-    return [
-        TEIRank(index=int(i), score=float(scores[i]), text=payload.texts[i] if payload.return_text else None)
-        for i in order
-    ]
-
-
-def _add_info_routes(app: FastAPI) -> None:
-    @app.get("/health")
-    async def health(request: Request) -> dict[str, str]:
-        """200 when the model scores a probe pair, else 503."""
-        service = _service(request)
-        try:
-            await service.engine.health_check()
-        except Exception as exc:
-            raise OverloadedError(f"model cannot score: {exc}") from exc
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def list_models(request: Request) -> dict[str, Any]:
-        """OpenAI-style model list."""
-        service = _service(request)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": service.model_name,
-                    "object": "model",
-                    "created": service.started,
-                    "owned_by": "ray-rerank",
-                }
-            ],
-        }
-
-
-def make_service(
-    settings: ServeSettings, engine: RerankEngine, metrics: RerankMetrics | None
-) -> RerankService:
-    """Bundle what the routes need; a Serve replica keeps it as its ``service`` attribute."""
-    return RerankService(settings, engine, metrics, int(time.time()))
+    return replay

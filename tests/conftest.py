@@ -39,3 +39,13 @@ def ray_session() -> Iterator[None]:
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def serve_batch_outside_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let ``serve.batch`` run outside a Serve replica (its only replica-bound step is a warning check)."""
+    from ray.serve import batching
+
+    monkeypatch.setattr(
+        batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None
+    )

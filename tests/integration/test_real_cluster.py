@@ -69,7 +69,7 @@ def session_pids(session_id: int) -> list[int]:
     return pids
 
 
-def stop_cluster(session_id: int, grace_s: float = 15) -> list[int]:
+def stop_cluster(session_id: int, grace_s: float = 5) -> list[int]:
     """SIGTERM the cluster's processes, SIGKILL what is left after the grace period; returns survivors."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in session_pids(session_id):

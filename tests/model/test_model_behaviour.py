@@ -65,12 +65,34 @@ def test_per_call_max_length_only_shortens(tiny_model):
     assert tiny_model.tokenize(["q"], ["solar " * 500], max_length=10_000).lengths.tolist() == [64]
 
 
-def test_sigmoid_activation_is_fixed_at_load(tiny_model, tiny_model_dir):
-    """activation=sigmoid returns sigmoid(raw logits), without touching other instances."""
-    sig = CrossEncoderModel(ModelSettings(model=str(tiny_model_dir), activation="sigmoid"))
+def test_activation_is_a_per_call_choice(tiny_model, tiny_model_dir):
+    """activation=sigmoid (setting or call) gives sigmoid(raw logits); no call changes another's."""
     raw = tiny_model.score(QUERIES, PASSAGES).scores
-    np.testing.assert_allclose(sig.score(QUERIES, PASSAGES).scores, sigmoid(raw), atol=1e-6)
+    np.testing.assert_allclose(
+        tiny_model.score(QUERIES, PASSAGES, activation="sigmoid").scores, sigmoid(raw), atol=1e-6
+    )
     np.testing.assert_allclose(tiny_model.score(QUERIES, PASSAGES).scores, raw)
+    sig = CrossEncoderModel(ModelSettings(model=str(tiny_model_dir), activation="sigmoid"))
+    np.testing.assert_allclose(sig.score(QUERIES, PASSAGES).scores, sigmoid(raw), atol=1e-6)
+    np.testing.assert_allclose(sig.score(QUERIES, PASSAGES, activation="none").scores, raw, atol=1e-6)
+
+
+def test_passage_token_cap_keeps_that_many_passage_tokens(tiny_model):
+    """max_passage_tokens cuts each passage to its first (or, "left", last) N tokens, between words."""
+    query, passage = "solar", "solar panels convert sunlight into electricity"  # into: in ##t ##o
+    assert tiny_model.tokenizer.tokenize("into") == ["in", "##t", "##o"]
+    cases = [
+        ("right", 2, "solar panels"),
+        ("left", 1, "electricity"),
+        ("left", 3, "electricity"),
+        ("left", 4, "into electricity"),
+        ("right", 4, "solar panels"),
+    ]
+    for side, tokens, kept in cases:
+        capped = tiny_model.tokenize([query], [passage], truncation_side=side, max_passage_tokens=tokens)
+        assert capped.input_ids == tiny_model.tokenize([query], [kept]).input_ids, (side, tokens)
+    uncut = tiny_model.tokenize([query], [passage], max_passage_tokens=1000)
+    assert uncut.input_ids == tiny_model.tokenize([query], [passage]).input_ids
 
 
 def test_rank_orders_best_first_with_top_k_and_documents(tiny_model):

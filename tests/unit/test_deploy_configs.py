@@ -1,6 +1,7 @@
 """Deployment files validate against the schemas their tools use: Ray's cluster launcher, KubeRay, Serve."""
 
 import copy
+import functools
 import gzip
 import json
 import shlex
@@ -34,6 +35,7 @@ def strict(schema):
     return result
 
 
+@functools.cache
 def kuberay_schema(kind: str) -> dict:
     path = require(KUBERAY_SCHEMAS / f"{kind}.v1.schema.json.gz")
     return strict(json.loads(gzip.decompress(path.read_bytes())))
@@ -109,6 +111,7 @@ def test_rayjob_runs_the_rescoring_job_with_its_config():
     assert overrides["config_file"].endswith("/configs/rescore.yaml")
     overrides["config_file"] = str(REPO_ROOT / "configs" / "rescore.yaml")
     settings = RescoreSettings.load(**overrides)
-    assert settings.input and settings.output and settings.model == load_yaml("configs/rescore.yaml")["model"]
+    assert settings.job.input and settings.job.output
+    assert settings.model.model == load_yaml("configs/rescore.yaml")["model"]
     runtime_env = RuntimeEnv(**yaml.safe_load(spec["runtimeEnvYAML"]))
     assert "RERANK_REVISION" in runtime_env["env_vars"]

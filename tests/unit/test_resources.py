@@ -52,13 +52,13 @@ def test_batch_token_budget_depends_on_device():
 
 def test_gpu_cluster_gets_one_actor_per_gpu():
     """Two nodes with 4 GPUs each: 8 single-GPU actors."""
-    plan = plan_actor_pool([{"CPU": 32, "GPU": 4}, {"CPU": 32, "GPU": 4}], RescoreSettings.load())
+    plan = plan_actor_pool([{"CPU": 32, "GPU": 4}, {"CPU": 32, "GPU": 4}], RescoreSettings.load().job)
     assert (plan.num_actors, plan.gpus_per_actor, plan.cpus_per_actor) == (8, 1.0, 1.0)
 
 
 def test_two_core_machine_leaves_a_cpu_for_io_and_uses_both_cores():
     """The 2-core laptop: one 1-CPU actor (a CPU stays free for read/write) running 2 threads."""
-    plan = plan_actor_pool([{"CPU": 2.0}], RescoreSettings.load())
+    plan = plan_actor_pool([{"CPU": 2.0}], RescoreSettings.load().job)
     assert (plan.num_actors, plan.cpus_per_actor, plan.torch_threads) == (1, 1.0, 2)
 
 
@@ -66,7 +66,7 @@ def test_cpu_cluster_never_reserves_every_cpu():
     """On any CPU cluster the actors leave io_cpus unreserved on every node."""
     for cpus in (1, 2, 3, 4, 8, 16, 64):
         nodes = [{"CPU": float(cpus)}] * 3
-        settings = RescoreSettings.load()
+        settings = RescoreSettings.load().job
         plan = plan_actor_pool(nodes, settings)
         per_node = plan.num_actors / 3
         assert per_node * plan.cpus_per_actor <= cpus - settings.io_cpus + 1e-6 or cpus <= settings.io_cpus
@@ -74,24 +74,31 @@ def test_cpu_cluster_never_reserves_every_cpu():
 
 def test_sixteen_core_nodes_split_into_several_actors():
     """16-core nodes: four actors of 3.75 CPUs, four threads each."""
-    plan = plan_actor_pool([{"CPU": 16.0}, {"CPU": 16.0}], RescoreSettings.load())
+    plan = plan_actor_pool([{"CPU": 16.0}, {"CPU": 16.0}], RescoreSettings.load().job)
     assert (plan.num_actors, plan.cpus_per_actor, plan.torch_threads) == (8, 3.75, 4)
 
 
 def test_explicit_pool_settings_win():
     """num_actors / cpus_per_actor / torch_threads from settings are used as given."""
     settings = RescoreSettings.load(num_actors=3, cpus_per_actor=0.5, torch_threads=1)
-    plan = plan_actor_pool([{"CPU": 2.0}], settings)
+    plan = plan_actor_pool([{"CPU": 2.0}], settings.job, settings.model.torch_threads)
     assert (plan.num_actors, plan.cpus_per_actor, plan.torch_threads) == (3, 0.5, 1)
 
 
 def test_gpus_per_actor_zero_forces_cpu_actors():
     """gpus_per_actor=0 keeps scoring on CPUs even on GPU nodes."""
-    plan = plan_actor_pool([{"CPU": 8.0, "GPU": 1.0}], RescoreSettings.load(gpus_per_actor=0))
+    plan = plan_actor_pool([{"CPU": 8.0, "GPU": 1.0}], RescoreSettings.load(gpus_per_actor=0).job)
     assert plan.gpus_per_actor == 0.0
 
 
 def test_zero_cpu_head_node_adds_no_actors():
     """A head node with CPU 0 (kept free of work) neither hosts actors nor cancels others."""
-    plan = plan_actor_pool([{"CPU": 0.0}, {"CPU": 8.0}, {"CPU": 8.0}], RescoreSettings.load())
+    plan = plan_actor_pool([{"CPU": 0.0}, {"CPU": 8.0}, {"CPU": 8.0}], RescoreSettings.load().job)
     assert (plan.num_actors, plan.cpus_per_actor) == (4, 3.5)
+
+
+def test_rank_partitions_follow_the_input_size():
+    """Small inputs rank in one partition (not Ray Data's fixed 200); large ones spread out, capped."""
+    from jobs.rescore import rank_partitions
+
+    assert [rank_partitions(n) for n in (0, 36, 100_000, 100_001, 10**9)] == [1, 1, 1, 2, 200]

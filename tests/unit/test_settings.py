@@ -7,6 +7,7 @@ from reranker.settings import (
     DEFAULT_MODEL,
     ModelSettings,
     RescoreSettings,
+    ServeSettings,
     add_settings_arguments,
     overrides_from_args,
 )
@@ -22,9 +23,9 @@ def parse(*argv: str) -> dict:
 
 def test_defaults():
     """Defaults: the TinyBERT hub id, fp32, 512 tokens, raw logits."""
-    settings = RescoreSettings.load()
-    assert settings.model == DEFAULT_MODEL
-    assert (settings.precision, settings.max_length, settings.activation) == ("fp32", 512, "none")
+    model = RescoreSettings.load().model
+    assert model.model == DEFAULT_MODEL
+    assert (model.precision, model.max_length, model.activation) == ("fp32", 512, "none")
 
 
 def test_precedence_flags_over_env_over_file_over_defaults(tmp_path, monkeypatch):
@@ -37,24 +38,27 @@ def test_precedence_flags_over_env_over_file_over_defaults(tmp_path, monkeypatch
     monkeypatch.setenv("RERANK_MAX_LENGTH", "256")
     monkeypatch.setenv("RERANK_QUERY_COLUMN", "q_env")
     settings = RescoreSettings.load(**parse("--query-column", "q_flag"))
-    assert settings.query_column == "q_flag"  # flag > env
-    assert settings.max_length == 256  # env > file
-    assert settings.model == "from-file"  # file > default
-    assert settings.passage_column == "passage"  # default
+    assert settings.job.query_column == "q_flag"  # flag > env
+    assert settings.model.max_length == 256  # env > file
+    assert settings.model.model == "from-file"  # file > default
+    assert settings.job.passage_column == "passage"  # default
+    assert (settings.job.top_k, settings.job.group_column) == (3, "qid")  # a validator sees every layer
 
 
 def test_config_flag_names_the_file(tmp_path):
     """--config loads the YAML file given on the command line."""
     config = tmp_path / "c.yaml"
     config.write_text("rows_per_batch: 77\n")
-    assert RescoreSettings.load(**parse("--config", str(config))).rows_per_batch == 77
+    assert RescoreSettings.load(**parse("--config", str(config))).job.rows_per_batch == 77
 
 
 def test_settings_are_frozen():
     """One immutable settings object per process."""
-    settings = ModelSettings.load()
+    settings = RescoreSettings.load()
     with pytest.raises(Exception, match="frozen"):
-        settings.model = "other"  # type: ignore[misc]
+        settings.model.model = "other"  # type: ignore[misc]
+    with pytest.raises(Exception, match="frozen"):
+        settings.job = settings.job  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
@@ -96,3 +100,34 @@ def test_boolean_and_json_flags():
 def test_unset_flags_do_not_override():
     """Flags the user did not give leave lower sources in charge."""
     assert parse() == {}
+
+
+def test_sections_give_each_name_one_meaning():
+    """No setting name appears in two sections, so one env var or key means one thing."""
+    for composed in (RescoreSettings, ServeSettings):
+        names = [name for section in composed.sections().values() for name in section.model_fields]
+        assert len(names) == len(set(names))
+
+
+def test_serve_args_sit_below_env_and_config_file(tmp_path, monkeypatch):
+    """A Serve config's args are file-level values: env vars and RERANK_CONFIG beat them."""
+    config = tmp_path / "c.yaml"
+    config.write_text("max_documents: 7\n")
+    monkeypatch.setenv("RERANK_CONFIG", str(config))
+    monkeypatch.setenv("RERANK_MODEL", "from-env")
+    args = {"model": "from-args", "max_documents": 3, "max_batch_pairs": 64}
+    settings = ServeSettings.load(file_values=args)
+    assert settings.model.model == "from-env" and settings.serving.max_documents == 7
+    assert settings.model.max_batch_pairs == 64 and settings.served_model_name == "from-env"
+
+
+def test_unknown_serve_arg_is_rejected():
+    """A misspelt Serve arg fails naming it."""
+    with pytest.raises(ConfigError, match="max_docs"):
+        ServeSettings.load(file_values={"max_docs": 3})
+
+
+def test_model_settings_alone_read_env(monkeypatch):
+    """A section loads on its own from env vars (the model class needs only ModelSettings)."""
+    monkeypatch.setenv("RERANK_MAX_LENGTH", "128")
+    assert ModelSettings.load().max_length == 128

@@ -1,0 +1,226 @@
+"""Request and response schemas of the rerank APIs (Cohere / Jina / vLLM, TEI, pair scoring).
+
+Shapes and fixed rules (types, non-empty lists, ``top_n >= 1``) are declared on the fields, so FastAPI
+validates them and documents them in OpenAPI. A deployment's own limits (documents per request,
+characters per text) are declared here too, as ``check_limits``, which the routes' dependencies
+call with the replica's ``RequestLimits``. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+from reranker.types import TruncationSide
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Per-request limits of one deployment."""
+
+    max_documents: int
+    max_document_chars: int
+
+    def check(self, field: str, texts: Iterable[str], what: str) -> None:
+        """Raise ``ValueError`` naming ``field`` if there are too many texts or one is too long."""
+        count = 0
+        for text in texts:
+            count += 1
+            if len(text) > self.max_document_chars:
+                raise ValueError(
+                    f"{field}: {what} has {len(text)} characters; the limit is {self.max_document_chars}"
+                )
+        if count > self.max_documents:
+            raise ValueError(f"{field}: has {count} items; the limit is {self.max_documents}")
+
+
+NonEmptyText = Annotated[str, Field(min_length=1)]
+
+
+class TextDocument(BaseModel):
+    """A document given as an object (Cohere v2 / Jina style)."""
+
+    model_config = ConfigDict(extra="allow")
+    text: str
+
+
+class RerankRequest(BaseModel):
+    """Cohere / Jina / vLLM ``/v1/rerank`` request."""
+
+    model_config = ConfigDict(extra="ignore")
+    query: NonEmptyText
+    documents: Annotated[list[str | TextDocument], Field(min_length=1)]
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = False
+    model: str | None = None
+    max_tokens_per_doc: int | None = Field(None, ge=1, description="Cut each document to this many tokens.")
+
+    def texts(self) -> list[str]:
+        """Document texts in request order."""
+        return [doc if isinstance(doc, str) else doc.text for doc in self.documents]
+
+    def check_limits(self, limits: RequestLimits) -> None:
+        """Raise ``ValueError`` naming the field that breaks the deployment's limits."""
+        limits.check("query", [self.query], "query")
+        limits.check("documents", self.texts(), "a document")
+
+
+class TEIRerankRequest(BaseModel):
+    """Hugging Face Text Embeddings Inference ``/rerank`` request."""
+
+    model_config = ConfigDict(extra="ignore")
+    query: NonEmptyText
+    texts: Annotated[list[str], Field(min_length=1)]
+    raw_scores: bool = False
+    return_text: bool = False
+    truncate: bool = True
+    truncation_direction: TruncationSide = "right"
+
+    @field_validator("truncation_direction", mode="before")
+    @classmethod
+    def _lowercase_direction(cls, value: object) -> object:
+        """TEI clients send "Right" / "Left"."""
+        return value.lower() if isinstance(value, str) else value
+
+    def check_limits(self, limits: RequestLimits) -> None:
+        """Raise ``ValueError`` naming the field that breaks the deployment's limits."""
+        limits.check("query", [self.query], "query")
+        limits.check("texts", self.texts, "a text")
+
+
+def _rerank_kind(body: Any) -> str:
+    has_texts = "texts" in body if isinstance(body, dict) else isinstance(body, TEIRerankRequest)
+    return "tei" if has_texts else "cohere"
+
+
+AnyRerankRequest = Annotated[
+    Annotated[RerankRequest, Tag("cohere")] | Annotated[TEIRerankRequest, Tag("tei")],
+    Discriminator(_rerank_kind),
+]
+"""``/rerank`` takes either shape: ``texts`` means TEI, else Cohere / Jina / vLLM."""
+UNION_TAGS = ("cohere", "tei")
+
+
+class ScoreRequest(BaseModel):
+    """A batch of (query, passage) pairs to score in order."""
+
+    model_config = ConfigDict(extra="ignore")
+    pairs: Annotated[list[tuple[str, str]], Field(min_length=1)]
+    raw_scores: bool = True
+    model: str | None = None
+
+    def check_limits(self, limits: RequestLimits) -> None:
+        """Raise ``ValueError`` naming the field that breaks the deployment's limits."""
+        limits.check("pairs", (query for query, _ in self.pairs), "a query")
+        limits.check("pairs", (passage for _, passage in self.pairs), "a passage")
+
+
+class RerankDocument(BaseModel):
+    """The document echoed back when ``return_documents`` is true."""
+
+    text: str
+
+
+class RerankResult(BaseModel):
+    """One scored document: its index in the request and its relevance score."""
+
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class Usage(BaseModel):
+    """Token accounting."""
+
+    total_tokens: int
+
+
+class ApiVersion(BaseModel):
+    """Cohere's API version marker."""
+
+    version: str = "2"
+
+
+class BilledUnits(BaseModel):
+    """Cohere's billing unit: one search per request."""
+
+    search_units: int = 1
+
+
+class InputTokens(BaseModel):
+    """Tokens fed to the model for this request."""
+
+    input_tokens: int
+
+
+class RerankMeta(BaseModel):
+    """Cohere-style ``meta``: API version, billed units, tokens, and documents cut to fit."""
+
+    api_version: ApiVersion = ApiVersion()
+    billed_units: BilledUnits = BilledUnits()
+    tokens: InputTokens
+    truncated_documents: int
+
+
+class RerankResponse(BaseModel):
+    """Cohere / Jina / vLLM rerank response, results sorted best first."""
+
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: Usage
+    meta: RerankMeta
+
+
+class TEIRank(BaseModel):
+    """One TEI result."""
+
+    index: int
+    score: float
+    text: str | None = None
+
+
+class ScoreResponse(BaseModel):
+    """Scores in the order of the request's pairs."""
+
+    model: str
+    scores: list[float]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    """One entry of the OpenAI-style model list."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ray-rerank"
+
+
+class ModelList(BaseModel):
+    """OpenAI-style ``/v1/models`` answer."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    """``/health`` answer."""
+
+    status: Literal["ok"] = "ok"
+
+
+class ErrorBody(BaseModel):
+    """The inside of every error response."""
+
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """The one error shape: ``{"error": {"type": ..., "message": ...}}``."""
+
+    error: ErrorBody

@@ -1,0 +1,72 @@
+"""Helpers for testing the service without a running Serve: an app over the tiny model, in-process."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import httpx
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from reranker.settings import ServeSettings
+from serve.api import RerankService, create_api
+from serve.app import batching_config
+from serve.engine import RerankEngine
+
+T = TypeVar("T")
+
+
+class RecordingMetric:
+    """Stands in for a Ray counter or histogram; keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+        self.tags: list[dict[str, str]] = []
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        self.values.append(value)
+        self.tags.append(tags or {})
+
+    observe = inc
+
+
+class RecordingMetrics:
+    """Every metric of ``serve.metrics.RerankMetrics``, recorded in memory."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, RecordingMetric] = defaultdict(RecordingMetric)
+
+    def __getattr__(self, name: str) -> RecordingMetric:
+        return self._metrics[name]
+
+
+def make_app(model: Any, **settings: Any) -> FastAPI:
+    """A fresh app whose service scores with ``model`` (a loaded CrossEncoderModel)."""
+    serve_settings = ServeSettings.load(model=model.name, **settings)
+    metrics = RecordingMetrics()
+    engine = RerankEngine(model, batching_config(serve_settings), metrics)  # type: ignore[arg-type]
+    app = create_api()
+    app.state.service = RerankService(serve_settings, engine, metrics)  # type: ignore[arg-type]
+    return app
+
+
+@contextmanager
+def serving(model: Any, **settings: Any) -> Iterator[TestClient]:
+    """A test client over a fresh app; the app's engine lives on the client's one event loop."""
+    with TestClient(make_app(model, **settings), base_url="http://rerank.test") as client:
+        yield client
+
+
+def in_app_loop(client: TestClient, work: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
+    """Run ``work(async_client)`` on the app's event loop, e.g. to send requests concurrently."""
+
+    async def main() -> T:
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://rerank.test") as async_client:
+            return await work(async_client)
+
+    assert client.portal is not None
+    return client.portal.call(main)
