@@ -30,6 +30,7 @@ from jobs.scoring import (
 )
 from jobs.storage import InputPlan, count_rows, inspect_input, prepare_output, write_empty_output
 from reranker.errors import ConfigError, RerankError
+from reranker.model import check_loadable
 from reranker.settings import JobSettings, RescoreSettings, add_settings_arguments, overrides_from_args
 
 logger = logging.getLogger("jobs.rescore")
@@ -76,6 +77,7 @@ def run(settings: RescoreSettings) -> JobSummary:
     if not job.input or not job.output:
         raise ConfigError("both --input and --output are required (or RERANK_INPUT / RERANK_OUTPUT)")
     plan = inspect_input(job.input, job.storage_options, _text_columns(job), _new_columns(job))
+    check_loadable(settings.model)  # on the driver: a bad model is one line, not a worker traceback per actor
     output = prepare_output(job.output, job.storage_options, job.overwrite)
     if plan.num_rows == 0:
         write_empty_output(output, output_schema(plan.schema, job))

@@ -32,21 +32,12 @@ def read_qrels(uri: str, storage_options: dict[str, Any] | None = None) -> pd.Da
         InputError: The file is missing, unreadable or not in qrels format; the message names it.
 
     """
-    try:
-        with fsspec.open(uri, "rt", **(storage_options or {})) as handle:
-            frame = pd.read_csv(
-                handle,
-                sep=r"\s+",
-                header=None,
-                usecols=[0, 2, 3],
-                names=["query_id", "doc_id", "relevance"],
-                dtype={"query_id": str, "doc_id": str, "relevance": "int64"},
-            )
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise InputError(f"cannot read qrels {uri}: {str(exc).splitlines()[0]}") from exc
+    frame = pd.concat(
+        list(_read_columns(uri, storage_options, "qrels", {0: "query_id", 2: "doc_id", 3: "relevance"}))
+    )
     if frame.empty:
         raise InputError(f"qrels {uri} holds no judgments")
-    return frame
+    return frame.astype({"relevance": "int64"})
 
 
 def iter_run_file(
@@ -58,20 +49,32 @@ def iter_run_file(
         InputError: The file is missing or not in run format; the message names it.
 
     """
+    columns = {0: "query_id", 2: "doc_id", 4: "score"}
+    yield from _read_columns(uri, storage_options, "run file", columns, chunk_rows)
+
+
+def _read_columns(
+    uri: str,
+    storage_options: dict[str, Any] | None,
+    what: str,
+    columns: dict[int, str],
+    chunk_rows: int = RUN_CHUNK_ROWS,
+) -> Iterator[pd.DataFrame]:
+    """Chunks of some whitespace-separated columns (ids as str, the last one as a number)."""
+    names = list(columns.values())
     try:
         with fsspec.open(uri, "rt", **(storage_options or {})) as handle:
-            chunks = pd.read_csv(
+            yield from pd.read_csv(
                 handle,
                 sep=r"\s+",
                 header=None,
-                usecols=[0, 2, 4],
-                names=["query_id", "doc_id", "score"],
-                dtype={"query_id": str, "doc_id": str, "score": "float64"},
+                usecols=list(columns),
+                names=names,
+                dtype={names[0]: str, names[1]: str, names[2]: "float64"},
                 chunksize=chunk_rows,
             )
-            yield from chunks
     except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise InputError(f"cannot read run file {uri}: {str(exc).splitlines()[0]}") from exc
+        raise InputError(f"cannot read {what} {uri}: {str(exc).splitlines()[0]}") from exc
 
 
 def tsv_to_parquet(source: str, destination: str, storage_options: dict[str, Any] | None = None) -> int:

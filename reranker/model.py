@@ -8,15 +8,22 @@ concurrent callers (a Serve replica's requests) never change each other's result
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from reranker.batching import pad_rows, plan_batches
 from reranker.errors import ConfigError, ModelLoadError
@@ -302,6 +309,55 @@ def _effective_max_length(requested: int, tokenizer: PreTrainedTokenizerBase, mo
     return min(limits)
 
 
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_loadable(settings: ModelSettings) -> None:
+    """Fail fast, e.g. on a job's driver before any worker starts, if the model can't be loaded.
+
+    Reads the config and the tokenizer (small files) and checks that a local directory holds weights
+    and that the head has 1 or 2 labels; the weights themselves are left to the workers.
+
+    Raises:
+        ModelLoadError: Unknown id, no network, a directory without weights, or not a reranker head.
+    """
+    options: dict[str, Any] = {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
+    try:
+        with _hub_warnings_silenced():  # the one error below says it all, not a warning per retry
+            config = AutoConfig.from_pretrained(settings.model, **options)
+            AutoTokenizer.from_pretrained(settings.model, **options)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_load_failure_message(settings.model, exc)) from exc
+    local = Path(settings.model)
+    if local.is_dir() and not any((local / name).is_file() for name in WEIGHT_FILES):
+        raise ModelLoadError(
+            f"cannot load model {settings.model!r}: the directory has no weights "
+            f"({', '.join(WEIGHT_FILES[::2])})"
+        )
+    _check_labels(settings.model, config.num_labels)
+
+
+@contextlib.contextmanager
+def _hub_warnings_silenced() -> Iterator[None]:
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
+
+
+def _check_labels(model: str, num_labels: int) -> None:
+    if num_labels not in (1, 2):
+        raise ModelLoadError(f"model {model!r} has {num_labels} labels; a reranker needs 1 (or 2)")
+
+
 def _load(settings: ModelSettings, dtype: torch.dtype) -> tuple[PreTrainedTokenizerBase, Any]:
     options: dict[str, Any] = {
         "revision": settings.revision,
@@ -312,15 +368,12 @@ def _load(settings: ModelSettings, dtype: torch.dtype) -> tuple[PreTrainedTokeni
         model = AutoModelForSequenceClassification.from_pretrained(settings.model, dtype=dtype, **options)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_load_failure_message(settings.model, exc)) from exc
-    if model.config.num_labels not in (1, 2):
-        raise ModelLoadError(
-            f"model {settings.model!r} has {model.config.num_labels} labels; a reranker needs 1 (or 2)"
-        )
+    _check_labels(settings.model, model.config.num_labels)
     return tokenizer, model
 
 
 def _load_failure_message(model: str, exc: Exception) -> str:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
     return (
         f"cannot load model {model!r}: {reason}. "
         "If this machine has no network access, download the model where there is one "

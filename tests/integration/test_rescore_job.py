@@ -192,3 +192,28 @@ def test_s3_input_and_output(tmp_path, capsys, tiny_model_dir, s3_server):
     written = [p for p in fs.find("rerank/out") if p.endswith(".parquet")]
     rows = sum(pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in written)
     assert rows == 24 and "rows written 24" in out
+
+
+@pytest.mark.parametrize("problem", ["missing", "no-weights", "three-labels"])
+def test_unloadable_model_fails_on_the_driver(tmp_path, capsys, tiny_model_dir, problem):
+    """A model that can't be loaded: exit 2, one line naming it, no worker traceback, nothing written."""
+    import shutil
+
+    from tests.helpers import build_tiny_cross_encoder
+
+    model = tmp_path / "model"
+    if problem == "no-weights":
+        shutil.copytree(tiny_model_dir, model)
+        for weights in model.glob("*.safetensors"):
+            weights.unlink()
+    elif problem == "three-labels":
+        build_tiny_cross_encoder(model, num_labels=3)
+        capsys.readouterr()  # the builder's own progress output
+    pq.write_table(pairs_table(), tmp_path / "in.parquet")
+    code, _, err = run_job(
+        capsys, model, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out")
+    )
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert str(model) in err and "Traceback" not in err and not (tmp_path / "out").exists()
+    expected = {"missing": "--model DIR", "no-weights": "no weights", "three-labels": "3 labels"}[problem]
+    assert expected in err
