@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from jobs.storage import find_input_files, read_footers
+from jobs.storage import check_present_columns, find_input_files, read_footers
 from jobs.trec import RUN_CHUNK_ROWS, iter_run_file, read_qrels
 from reranker.errors import ConfigError, InputError, RerankError
 from reranker.settings import EvaluateSettings, add_settings_arguments, overrides_from_args
@@ -95,11 +95,7 @@ def iter_scores(settings: EvaluateSettings) -> Iterator[pd.DataFrame]:
     columns = [settings.query_column, settings.doc_column, settings.score_column]
     location, files = find_input_files(settings.scores, settings.storage_options)
     for path, (schema, _) in zip(files, read_footers(location, files), strict=True):
-        for column in columns:
-            if column not in schema.names:
-                raise InputError(
-                    f"column {column!r} not found in {path} (columns: {', '.join(schema.names)})"
-                )
+        check_present_columns(schema, columns, path)
         score_type = schema.field(settings.score_column).type
         if not (pa.types.is_floating(score_type) or pa.types.is_integer(score_type)):
             raise InputError(

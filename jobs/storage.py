@@ -111,11 +111,17 @@ def read_footers(location: Location, files: Sequence[str]) -> list[tuple[pa.Sche
         return list(pool.map(lambda path: read_footer(location.fs, path), files))
 
 
-def check_text_columns(schema: pa.Schema, columns: Sequence[str], path: str) -> None:
-    """Fail unless every column exists in ``schema`` with a string type, naming column and file."""
+def check_present_columns(schema: pa.Schema, columns: Sequence[str], path: str) -> None:
+    """Fail unless every column exists in ``schema``, naming the column, the file and its columns."""
     for column in columns:
         if column not in schema.names:
             raise InputError(f"column {column!r} not found in {path} (columns: {', '.join(schema.names)})")
+
+
+def check_text_columns(schema: pa.Schema, columns: Sequence[str], path: str) -> None:
+    """Fail unless every column exists in ``schema`` with a string type, naming column and file."""
+    check_present_columns(schema, columns, path)
+    for column in columns:
         column_type = schema.field(column).type
         if column_type not in _TEXT_TYPES:
             raise InputError(f"column {column!r} in {path} has type {column_type}; expected string")

@@ -218,7 +218,7 @@ class ServeSettings(ComposedSettings):
         return self.serving.served_model_name or self.model.model
 
 
-class EvaluateSettings(BaseSettings):
+class EvaluateSettings(SettingsSection):
     """Settings of the evaluation job (``python -m jobs.evaluate``); env prefix ``RERANK_EVAL_``."""
 
     model_config = SettingsConfigDict(env_prefix="RERANK_EVAL_", frozen=True, extra="forbid")
@@ -241,18 +241,6 @@ class EvaluateSettings(BaseSettings):
         if not self.qrels:
             raise ValueError("--qrels is required")
         return self
-
-    @classmethod
-    def load(cls, **overrides: Any) -> Self:
-        """Build settings from flags (``None`` ignored) and env vars.
-
-        Raises:
-            ConfigError: A value is invalid; the message names the setting.
-        """
-        try:
-            return cls(**{key: value for key, value in overrides.items() if value is not None})
-        except pydantic.ValidationError as exc:
-            raise ConfigError(_describe_validation_error(exc)) from None
 
 
 def _cli_type(annotation: Any) -> tuple[Any, Sequence[str] | None, bool]:

@@ -91,7 +91,6 @@ class RerankEngine:
         self.metrics = metrics
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-model")
         self.pending_pairs = 0
-        self.batching = batching
         # One batching queue per engine (serve.batch on a class method would share one across instances).
         self._score_chunks = serve.batch(batch_size_fn=_pairs_in)(self._run_batch)
         self.configure(batching)
@@ -103,7 +102,7 @@ class RerankEngine:
 
     def configure(self, batching: BatchingConfig) -> None:
         """Apply batching settings (from ``user_config``) without a restart."""
-        self.batching = batching
+        self.batching: BatchingConfig = batching
         self._score_chunks.set_max_batch_size(batching.max_batch_pairs)  # type: ignore[attr-defined]
         self._score_chunks.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
 
