@@ -94,7 +94,10 @@ def iter_scores(settings: EvaluateSettings) -> Iterator[pd.DataFrame]:
     assert settings.scores is not None
     columns = [settings.query_column, settings.doc_column, settings.score_column]
     location, files = find_input_files(settings.scores, settings.storage_options)
-    for path, (schema, _) in zip(files, read_footers(location, files), strict=True):
+    for path, footer in zip(files, read_footers(location, files), strict=True):
+        if isinstance(footer, InputError):
+            raise footer
+        schema = footer.schema
         check_present_columns(schema, columns, path)
         score_type = schema.field(settings.score_column).type
         if not (pa.types.is_floating(score_type) or pa.types.is_integer(score_type)):

@@ -9,53 +9,82 @@ jobs.rescore ...``. Ends with one summary line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import math
+import posixpath
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import ray
 import ray.data
 
+from jobs.commit import (
+    MANIFEST_NAME,
+    SKIPPED_NAME,
+    SUCCESS_NAME,
+    TMP_DIR,
+    changed_fields,
+    committed_counts,
+    list_names,
+    read_json,
+    remove_files,
+    write_json,
+)
 from jobs.scoring import (
     ActorPoolPlan,
-    JobStats,
-    ScoreBatch,
+    ScoreUnits,
     alive_node_resources,
+    commit_units,
     plan_actor_pool,
     rank_group,
+    tokenize_units,
+    unit_rows,
 )
-from jobs.storage import InputPlan, count_rows, inspect_input, prepare_output, write_empty_output
-from reranker.errors import ConfigError, RerankError
-from reranker.model import check_loadable
+from jobs.storage import InputPlan, Location, count_rows, inspect_input, prepare_output, write_empty_output
+from jobs.units import WorkUnit, plan_units
+from reranker.errors import ConfigError, InputError, OutputError, RerankError
 from reranker.settings import JobSettings, RescoreSettings, add_settings_arguments, overrides_from_args
+from reranker.tokenizer import check_loadable
 
 logger = logging.getLogger("jobs.rescore")
 ROWS_PER_RANK_PARTITION = 100_000
 MAX_RANK_PARTITIONS = 200
+ACTOR_INIT_DEATHS = 3  # scoring actors that may die while loading before the job fails (Ray's default: 0)
+TASK_RETRIES = 3  # a tokenize or commit task whose worker dies is rerun (its output is deterministic)
+SCORED_DIR = "_scored"
+RANKING_DIR = "_ranking"
 
 
 @dataclass(frozen=True)
 class JobSummary:
-    """What one run did."""
+    """What the output holds (from the committed files' footers) and what this run did."""
 
     rows_read: int
     rows_written: int
     pairs_scored: int
     null_scores: int
     pairs_truncated: int
+    units: int
+    units_resumed: int
+    files_skipped: int
+    pairs_scored_this_run: int
     wall_seconds: float
 
     def line(self) -> str:
         """The one-line summary printed at the end of a run."""
-        rate = self.pairs_scored / self.wall_seconds if self.wall_seconds > 0 else 0.0
+        seconds = self.wall_seconds
+        rate = self.pairs_scored_this_run / seconds if seconds > 0 else 0.0
         return (
             f"rescore: rows read {self.rows_read}, rows written {self.rows_written}, "
             f"pairs scored {self.pairs_scored}, null scores {self.null_scores}, "
-            f"pairs truncated {self.pairs_truncated}, {rate:.1f} pairs/s, wall {self.wall_seconds:.1f}s"
+            f"pairs truncated {self.pairs_truncated}, units {self.units} ({self.units_resumed} resumed), "
+            f"bad files skipped {self.files_skipped}, {rate:.1f} pairs/s, wall {seconds:.1f}s"
         )
 
 
@@ -65,78 +94,259 @@ def output_schema(input_schema: pa.Schema, job: JobSettings) -> pa.Schema:
     return schema.append(pa.field("rank", pa.int32())) if job.rank else schema
 
 
+def job_manifest(settings: RescoreSettings, plan: InputPlan) -> dict[str, Any]:
+    """Everything that decides the output's content; a rerun resumes only if it is unchanged."""
+    model, job = settings.model, settings.job
+    scoring = model.model_dump(include={"model", "revision", "precision", "max_length", "activation"})
+    layout = job.model_dump(
+        include={
+            "query_column",
+            "passage_column",
+            "score_column",
+            "group_column",
+            "rank",
+            "top_k",
+            "rows_per_unit",
+        }
+    )
+    return {**scoring, **layout, "input": plan.location.path, "input_files": plan.file_versions()}
+
+
 def run(settings: RescoreSettings) -> JobSummary:
-    """Validate the input, score it on an actor pool, write the output, and summarize.
+    """Validate everything on the driver, then score the units not yet committed, and summarize.
 
     Raises:
-        RerankError: A user error (settings, input, output, model); nothing was written.
+        RerankError: A user error (settings, input, output, model, a bad file with
+            ``--on-bad-file fail``); nothing was written for it.
 
     """
     started = time.perf_counter()
     job = settings.job
     if not job.input or not job.output:
         raise ConfigError("both --input and --output are required (or RERANK_INPUT / RERANK_OUTPUT)")
-    plan = inspect_input(job.input, job.storage_options, _text_columns(job), _new_columns(job))
+    plan = inspect_input(
+        job.input, job.storage_options, _text_columns(job), _new_columns(job), job.on_bad_file == "skip"
+    )
     check_loadable(settings.model)  # on the driver: a bad model is one line, not a worker traceback per actor
-    output = prepare_output(job.output, job.storage_options, job.overwrite)
-    if plan.num_rows == 0:
+    output = prepare_output(job.output, job.storage_options, job.overwrite, resumable=[MANIFEST_NAME])
+    done = resume_or_start(output, job_manifest(settings, plan), job.output)
+    if done is not None:
+        logger.info("output %s is already complete; nothing to do", job.output)
+        return JobSummary(
+            **{**done, "units_resumed": done["units"], "pairs_scored_this_run": 0, "wall_seconds": 0.0}
+        )
+    units = plan_units(plan.files, [footer.row_groups for footer in plan.footers], job.rows_per_unit)
+    scored_at = output.child(SCORED_DIR) if job.group_column else output
+    committed = list_names(scored_at) & {unit.name for unit in units}
+    todo = [unit for unit in units if unit.name not in committed]
+    logger.info("%d units, %d already committed, %d to score", len(units), len(committed), len(todo))
+    bad_files = dict(plan.skipped)
+    if todo:
+        bad_files.update(score_units(todo, plan, settings, scored_at))
+    kept = [unit.name for unit in units if unit.path not in bad_files]
+    remove_files(scored_at, [unit.name for unit in units if unit.path in bad_files])
+    counts = committed_counts(scored_at, kept)
+    if not units:
         write_empty_output(output, output_schema(plan.schema, job))
-        return JobSummary(0, 0, 0, 0, 0, time.perf_counter() - started)
+    elif job.group_column:
+        rank_scored(scored_at, kept, output, job, plan.num_rows)
+    scored_now = sum(counts[unit.name]["scored"] for unit in todo if unit.name in counts)
+    return finish(output, counts, (len(units), len(committed), scored_now), bad_files, started)
+
+
+def resume_or_start(output: Location, manifest: dict[str, Any], uri: str) -> dict[str, Any] | None:
+    """Record the manifest of a new output, or check a rerun against it.
+
+    Returns:
+        The stored summary when the output is already complete, else None.
+
+    Raises:
+        OutputError: The output was made by a different job; the message names what changed.
+
+    """
+    previous = read_json(output, MANIFEST_NAME)
+    if previous is None:
+        write_json(output, MANIFEST_NAME, manifest)
+        return None
+    changes = changed_fields(previous, manifest)
+    if changes:
+        raise OutputError(
+            f"output {uri} holds a run with different settings: {'; '.join(changes[:3])}"
+            f"{f' (+{len(changes) - 3} more)' if len(changes) > 3 else ''}; pass --overwrite to start fresh"
+        )
+    done = read_json(output, SUCCESS_NAME)
+    return None if done is None else {key: done[key] for key in _STORED_SUMMARY}
+
+
+_STORED_SUMMARY = (
+    "rows_read",
+    "rows_written",
+    "pairs_scored",
+    "null_scores",
+    "pairs_truncated",
+    "units",
+    "files_skipped",
+)
+
+
+def score_units(
+    units: list[WorkUnit], plan: InputPlan, settings: RescoreSettings, destination: Location
+) -> dict[str, str]:
+    """Run the units through the Ray Data pipeline; each is committed as it finishes.
+
+    Returns:
+        Input files with a unit that could not be read, and why (``--on-bad-file skip``).
+
+    Raises:
+        InputError: A unit could not be read and ``--on-bad-file fail``; names the file.
+
+    """
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
-    pool = plan_actor_pool(alive_node_resources(), job, settings.model.torch_threads)
+    ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
+    pool = plan_actor_pool(alive_node_resources(), settings.job, settings.model.torch_threads)
     logger.info("actor pool: %s", pool)
-    stats = JobStats.remote()  # type: ignore[attr-defined]
-    build_pipeline(plan, settings, pool, stats).write_parquet(
-        output.path,
-        filesystem=output.arrow_filesystem(),
-        ray_remote_args={"num_cpus": job.io_cpus},
-    )
-    counts = ray.get(stats.snapshot.remote())
-    return JobSummary(
-        rows_read=counts["rows"],
-        rows_written=count_rows(output),
-        pairs_scored=counts["scored"],
-        null_scores=counts["null"],
-        pairs_truncated=counts["truncated"],
-        wall_seconds=time.perf_counter() - started,
-    )
+    bad_files: dict[str, str] = {}
+    timings: list[dict[str, float]] = []
+    for done, row in enumerate(build_pipeline(units, plan, settings, pool, destination).iter_rows(), 1):
+        if row["error"] is not None:
+            if settings.job.on_bad_file == "fail":
+                raise InputError(row["error"] + " (pass --on-bad-file skip to leave bad files out)")
+            logger.warning("skipping %s", row["error"])
+            bad_files[row["path"]] = row["error"]
+            continue
+        timings.append(json.loads(row["timings"]))
+        logger.info("committed %s (%d/%d)", row["name"], done, len(units))
+    logger.info("stage seconds: %s", json.dumps(stage_seconds(timings)))
+    return bad_files
+
+
+def stage_seconds(timings: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Seconds spent per stage, summed over units, and when the first forward pass started."""
+    totals = {
+        key: round(sum(t.get(key, 0.0) for t in timings), 3)
+        for key in ("read_s", "tokenize_s", "forward_s", "write_s")
+    }
+    starts = [t["forward_started_at"] for t in timings if "forward_started_at" in t]
+    return {**totals, "first_forward_at": min(starts, default=0.0)}
 
 
 def build_pipeline(
-    plan: InputPlan, settings: RescoreSettings, pool: ActorPoolPlan, stats: ray.actor.ActorHandle
+    units: Sequence[WorkUnit],
+    plan: InputPlan,
+    settings: RescoreSettings,
+    pool: ActorPoolPlan,
+    destination: Location,
 ) -> ray.data.Dataset:
-    """read_parquet -> map_batches(ScoreBatch) on the actor pool -> optional per-query ranking."""
+    """Units -> tokenize_units (CPU tasks) -> ScoreUnits (actor pool) -> commit_units (CPU tasks)."""
     job = settings.job
-    dataset = ray.data.read_parquet(
-        plan.files,
-        filesystem=plan.location.arrow_filesystem(),
-        file_extensions=None,
-        num_cpus=job.io_cpus,
-    )
+    dataset: ray.data.Dataset = ray.data.from_items(unit_rows(units), override_num_blocks=len(units))
     dataset = dataset.map_batches(
-        ScoreBatch,
-        fn_constructor_kwargs={
-            "model_settings": settings.model.model_copy(update={"torch_threads": pool.torch_threads}),
+        tokenize_units,  # type: ignore[arg-type]  # its extra parameters are bound by fn_kwargs
+        fn_kwargs={
+            "source": plan.location,
+            "model_settings": settings.model,
             "query_column": job.query_column,
             "passage_column": job.passage_column,
-            "score_column": job.score_column,
-            "stats": stats,
+            "threads": max(1, round(job.io_cpus)),
         },
-        batch_size=job.rows_per_batch,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=job.io_cpus,
+        compute=ray.data.TaskPoolStrategy(size=pool.tokenize_tasks),
+        max_retries=TASK_RETRIES,  # also keeps Ray Data from fusing tokenization into the actors
+    )
+    dataset = dataset.map_batches(
+        ScoreUnits,
+        fn_constructor_kwargs={
+            "model_settings": settings.model.model_copy(update={"torch_threads": pool.torch_threads}),
+            "score_column": job.score_column,
+        },
+        batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
         num_cpus=pool.cpus_per_actor,
         num_gpus=pool.gpus_per_actor,
     )
-    if job.group_column is None:
-        return dataset
-    return dataset.groupby(job.group_column, num_partitions=rank_partitions(plan.num_rows)).map_groups(
+    return dataset.map_batches(
+        commit_units,  # type: ignore[arg-type]
+        fn_kwargs={"destination": destination},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=job.io_cpus,
+        max_retries=TASK_RETRIES,
+    )
+
+
+def rank_scored(
+    scored_at: Location, names: Sequence[str], output: Location, job: JobSettings, num_rows: int
+) -> None:
+    """Second phase of a ranked job: rank each query's rows and write the final files.
+
+    Redone whole on a resume (scoring is what is expensive): files are written to a staging
+    directory and moved into the output; ``_SUCCESS`` marks the end.
+    """
+    remove_files(output, [name for name in list_names(output, prefix="") if not name.startswith("_")])
+    staging = output.child(RANKING_DIR)
+    if staging.fs.exists(staging.path):
+        staging.fs.rm(staging.path, recursive=True)
+    paths = [posixpath.join(scored_at.path, name) for name in names]
+    scored = ray.data.read_parquet(paths, filesystem=scored_at.arrow_filesystem(), num_cpus=job.io_cpus)
+    ranked = scored.groupby(job.group_column, num_partitions=rank_partitions(num_rows)).map_groups(
         rank_group,  # type: ignore[arg-type]  # its extra parameters are bound by fn_kwargs
         fn_kwargs={"score_column": job.score_column, "add_rank": job.rank, "top_k": job.top_k},
         batch_format="pyarrow",
         num_cpus=job.io_cpus,
     )
+    ranked.write_parquet(
+        staging.path, filesystem=staging.arrow_filesystem(), ray_remote_args={"num_cpus": job.io_cpus}
+    )
+    for path in staging.fs.find(staging.path):
+        staging.fs.mv(path, posixpath.join(output.path, posixpath.basename(path)))
+
+
+def finish(
+    output: Location,
+    counts: Mapping[str, Mapping[str, int]],
+    units: tuple[int, int, int],
+    bad_files: Mapping[str, str],
+    started: float,
+) -> JobSummary:
+    """Write the skipped-files report and ``_SUCCESS``, clear the working directories, summarize.
+
+    Args:
+        output: The output directory.
+        counts: Each committed unit's counts, from its footer.
+        units: Units in the job, units committed by earlier runs, pairs scored by this run.
+        bad_files: Input files left out, and why.
+        started: ``time.perf_counter()`` at the start of the run.
+
+    """
+    num_units, resumed, scored_now = units
+    if bad_files:
+        report = [{"file": path, "reason": reason} for path, reason in sorted(bad_files.items())]
+        write_json(output, SKIPPED_NAME, {"skipped_files": report})
+    total = {
+        key: sum(unit[key] for unit in counts.values()) for key in ("rows", "scored", "null", "truncated")
+    }
+    summary = JobSummary(
+        rows_read=total["rows"],
+        rows_written=count_rows(output),
+        pairs_scored=total["scored"],
+        null_scores=total["null"],
+        pairs_truncated=total["truncated"],
+        units=num_units,
+        units_resumed=resumed,
+        files_skipped=len(bad_files),
+        pairs_scored_this_run=scored_now,
+        wall_seconds=time.perf_counter() - started,
+    )
+    write_json(output, SUCCESS_NAME, dataclasses.asdict(summary))
+    for name in (TMP_DIR, SCORED_DIR, RANKING_DIR):
+        working = output.child(name)
+        if working.fs.exists(working.path):
+            working.fs.rm(working.path, recursive=True)
+    return summary
 
 
 def rank_partitions(num_rows: int) -> int:
@@ -164,7 +374,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the job; a user error prints one line and returns 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         settings = RescoreSettings.load(**overrides_from_args(parse_args(argv)))
         summary = run(settings)

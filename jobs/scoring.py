@@ -1,18 +1,32 @@
-"""The Ray side of the job: actor pool sizing, per-actor scoring, run statistics, ranking."""
+"""The Ray side of the job: actor pool sizing and the three stages a work unit goes through.
+
+Each row of the job's dataset is one work unit: ``tokenize_units`` (CPU tasks) reads its rows and
+tokenizes them, ``ScoreUnits`` (actors, one per GPU or a share of a node's CPUs) runs the model,
+``commit_units`` (CPU tasks) writes the unit's output file atomically. A unit's rows travel between
+stages as Arrow IPC bytes, so no stage can split or merge units.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from reranker.model import CrossEncoderModel
+from jobs.commit import commit_table, is_transient, with_retries
+from jobs.storage import Location
+from jobs.units import WorkUnit, read_unit
 from reranker.settings import JobSettings, ModelSettings
+from reranker.tokenizer import EncodedPairs, PairTokenizer
 
 MAX_CPUS_PER_ACTOR = 4.0
 
@@ -25,6 +39,7 @@ class ActorPoolPlan:
     cpus_per_actor: float
     gpus_per_actor: float
     torch_threads: int
+    tokenize_tasks: int = 1
 
 
 def plan_actor_pool(
@@ -63,29 +78,28 @@ def plan_actor_pool(
         )
         threads = max(1, round(node_cpus / max(1, math.floor(spare / cpus + 1e-9))))
     num_actors = settings.num_actors or max(1, fitting)
-    return ActorPoolPlan(num_actors, cpus, gpus, torch_threads or threads)
+    return ActorPoolPlan(
+        num_actors,
+        cpus,
+        gpus,
+        torch_threads or threads,
+        _tokenize_slots(nodes, num_actors * cpus, settings.io_cpus),
+    )
+
+
+def _tokenize_slots(nodes: Sequence[Mapping[str, float]], actor_cpus: float, io_cpus: float) -> int:
+    """Concurrent tokenization tasks: the CPUs the scoring actors leave, one slot per ``io_cpus``.
+
+    On a GPU node that is most of its cores (a GPU scores far faster than one core tokenizes);
+    on a CPU node it is the ``io_cpus`` share left beside the actors.
+    """
+    free = sum(node.get("CPU", 0.0) for node in nodes) - actor_cpus
+    return max(1, math.floor(free / io_cpus + 1e-9))
 
 
 def alive_node_resources() -> list[dict[str, float]]:
     """Resources of the alive nodes of the connected Ray cluster."""
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
-
-
-@ray.remote(num_cpus=0)
-class JobStats:
-    """Counters the scoring actors report to; read once by the driver at the end."""
-
-    def __init__(self) -> None:
-        self.counts = {"rows": 0, "scored": 0, "null": 0, "truncated": 0, "tokens": 0}
-
-    def add(self, counts: dict[str, int]) -> None:
-        """Add one batch's counts."""
-        for key, value in counts.items():
-            self.counts[key] += value
-
-    def snapshot(self) -> dict[str, int]:
-        """Current totals."""
-        return dict(self.counts)
 
 
 def valid_text_mask(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -96,42 +110,186 @@ def valid_text_mask(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(has_text, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
-class ScoreBatch:
-    """Ray Data callable class: loads the model once per actor, then scores batches of rows."""
+UNIT_FIELDS = [
+    pa.field("name", pa.string()),
+    pa.field("file_index", pa.int64()),
+    pa.field("path", pa.string()),
+    pa.field("row_start", pa.int64()),
+    pa.field("row_stop", pa.int64()),
+    pa.field("error", pa.string()),
+    pa.field("timings", pa.string()),
+]
+TOKENIZED_SCHEMA = pa.schema(
+    [*UNIT_FIELDS, pa.field("table", pa.large_binary()), pa.field("tokens", pa.large_binary())]
+)
+SCORED_SCHEMA = pa.schema(
+    [*UNIT_FIELDS, pa.field("table", pa.large_binary()), pa.field("counts", pa.string())]
+)
+COMMITTED_SCHEMA = pa.schema([*UNIT_FIELDS, pa.field("counts", pa.string())])
 
-    def __init__(
-        self,
-        model_settings: ModelSettings,
-        query_column: str,
-        passage_column: str,
-        score_column: str,
-        stats: ray.actor.ActorHandle | None = None,
-    ) -> None:
+
+def unit_rows(units: Sequence[WorkUnit]) -> list[dict[str, Any]]:
+    """The job's input dataset: one row per work unit."""
+    return [
+        {
+            "name": u.name,
+            "file_index": u.file_index,
+            "path": u.path,
+            "row_start": u.row_start,
+            "row_stop": u.row_stop,
+            "error": None,
+            "timings": "{}",
+        }
+        for u in units
+    ]
+
+
+def to_ipc(table: pa.Table) -> bytes:
+    """A table as Arrow IPC stream bytes (how a unit's rows travel between stages)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def from_ipc(data: bytes) -> pa.Table:
+    """The table ``to_ipc`` wrote."""
+    return pa.ipc.open_stream(data).read_all()
+
+
+@functools.lru_cache(maxsize=4)
+def _pair_tokenizer(settings: ModelSettings, threads: int) -> PairTokenizer:
+    """One tokenizer per worker process and settings, so a task doesn't reload it."""
+    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # read once, when the tokenizer pool starts
+    return PairTokenizer(settings)
+
+
+def tokenize_table(
+    tokenizer: PairTokenizer, table: pa.Table, query_column: str, passage_column: str
+) -> pa.Table:
+    """Token ids of each row's pair: a null list where the query or passage is null or blank."""
+    queries, passages = table.column(query_column), table.column(passage_column)
+    valid = valid_text_mask(queries) & valid_text_mask(passages)
+    encoded = tokenizer.tokenize(
+        pc.filter(queries, valid).to_pylist(), pc.filter(passages, valid).to_pylist()
+    )
+    lengths = np.zeros(table.num_rows, dtype=np.int64)
+    lengths[valid] = encoded.lengths
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    mask = pa.array(~valid)
+    columns = {"input_ids": pa.ListArray.from_arrays(offsets, pa.array(encoded.input_ids), mask=mask)}
+    if encoded.token_type_ids is not None:
+        columns["token_type_ids"] = pa.ListArray.from_arrays(
+            offsets, pa.array(encoded.token_type_ids), mask=mask
+        )
+    truncated = np.zeros(table.num_rows, dtype=bool)
+    truncated[valid] = encoded.truncated
+    columns["truncated"] = pa.array(truncated)
+    return pa.table(columns)
+
+
+def encoded_from_table(tokens: pa.Table) -> tuple[EncodedPairs, np.ndarray]:
+    """The scorable rows of a ``tokenize_table`` result as ``EncodedPairs``, and the valid-row mask."""
+    ids = tokens.column("input_ids").combine_chunks()
+    valid = np.asarray(ids.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    lengths = np.diff(ids.offsets.to_numpy())[valid]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    start = ids.offsets[0].as_py()
+    token_types = None
+    if "token_type_ids" in tokens.column_names:
+        types = tokens.column("token_type_ids").combine_chunks()
+        token_types = types.values.to_numpy()[start : start + offsets[-1]]
+    truncated = tokens.column("truncated").to_numpy()[valid]
+    values = ids.values.to_numpy()[start : start + offsets[-1]]
+    return EncodedPairs(values, offsets, token_types, truncated), valid
+
+
+def tokenize_units(
+    batch: pa.Table,
+    source: Location,
+    model_settings: ModelSettings,
+    query_column: str,
+    passage_column: str,
+    threads: int,
+) -> pa.Table:
+    """Ray Data task: read each unit's rows and tokenize them on CPU (a bad file becomes an error row)."""
+    rows = []
+    for unit in batch.to_pylist():
+        started = time.perf_counter()
+        try:
+            reading = functools.partial(read_unit, source.fs, _unit(unit))
+            table = with_retries(reading, f"reading {unit['path']}")
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            rows.append({**unit, "error": f"cannot read Parquet file {unit['path']}: {_first_line(exc)}"})
+            continue
+        read_s = time.perf_counter() - started
+        tokens = tokenize_table(_pair_tokenizer(model_settings, threads), table, query_column, passage_column)
+        timings = {"read_s": read_s, "tokenize_s": time.perf_counter() - started - read_s}
+        rows.append(
+            {**unit, "table": to_ipc(table), "tokens": to_ipc(tokens), "timings": json.dumps(timings)}
+        )
+    return pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA)
+
+
+def _unit(row: dict[str, Any]) -> WorkUnit:
+    return WorkUnit(row["file_index"], row["path"], row["row_start"], row["row_stop"])
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+class ScoreUnits:
+    """Ray Data callable class: loads the model once per actor, then scores tokenized units."""
+
+    def __init__(self, model_settings: ModelSettings, score_column: str) -> None:
+        from reranker.model import CrossEncoderModel  # torch only here: not on the driver or CPU tasks
+
         self.model = CrossEncoderModel(model_settings)
-        self.query_column = query_column
-        self.passage_column = passage_column
         self.score_column = score_column
-        self.stats = stats
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Append a float32 score column; rows with a null or empty query/passage get null."""
-        queries, passages = batch.column(self.query_column), batch.column(self.passage_column)
-        valid = valid_text_mask(queries) & valid_text_mask(passages)
-        scores = np.zeros(batch.num_rows, dtype=np.float32)
-        result = self.model.score(
-            pc.filter(queries, valid).to_pylist(), pc.filter(passages, valid).to_pylist()
-        )
-        scores[valid] = result.scores
-        if self.stats is not None:
-            counts = {
-                "rows": batch.num_rows,
-                "scored": int(valid.sum()),
-                "null": int((~valid).sum()),
-                "truncated": result.num_truncated,
-                "tokens": result.num_tokens,
-            }
-            ray.get(self.stats.add.remote(counts))
-        return batch.append_column(self.score_column, pa.array(scores, pa.float32(), mask=~valid))
+        """Append a float32 score column to each unit's rows (null where there was nothing to score)."""
+        return pa.Table.from_pylist([self.score_unit(row) for row in batch.to_pylist()], schema=SCORED_SCHEMA)
+
+    def score_unit(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Score one unit row of ``tokenize_units``; an error row passes through."""
+        if row["error"] is not None:
+            return {**row, "table": None, "counts": None}
+        started, started_at = time.perf_counter(), time.time()
+        table = from_ipc(row["table"])
+        encoded, valid = encoded_from_table(from_ipc(row["tokens"]))
+        scores = np.zeros(table.num_rows, dtype=np.float32)
+        scores[valid] = self.model.score_encoded(encoded)
+        scored = table.append_column(self.score_column, pa.array(scores, pa.float32(), mask=~valid))
+        counts = {
+            "rows": table.num_rows,
+            "scored": int(valid.sum()),
+            "null": int((~valid).sum()),
+            "truncated": int(encoded.truncated.sum()),
+            "tokens": int(encoded.lengths.sum()),
+        }
+        timings = {
+            **json.loads(row["timings"]),
+            "forward_s": time.perf_counter() - started,
+            "forward_started_at": started_at,
+        }
+        return {**row, "table": to_ipc(scored), "counts": json.dumps(counts), "timings": json.dumps(timings)}
+
+
+def commit_units(batch: pa.Table, destination: Location) -> pa.Table:
+    """Ray Data task: commit each scored unit as its own output file; returns one manifest row per unit."""
+    rows = []
+    for row in batch.to_pylist():
+        if row["error"] is None:
+            started = time.perf_counter()
+            commit_table(destination, row["name"], from_ipc(row["table"]), json.loads(row["counts"]))
+            timings = {**json.loads(row["timings"]), "write_s": time.perf_counter() - started}
+            row["timings"] = json.dumps(timings)
+        rows.append({key: row[key] for key in COMMITTED_SCHEMA.names})
+    return pa.Table.from_pylist(rows, schema=COMMITTED_SCHEMA)
 
 
 def rank_group(group: pa.Table, score_column: str, add_rank: bool, top_k: int | None) -> pa.Table:

@@ -37,19 +37,53 @@ class Location:
         """True for the local disk."""
         return isinstance(self.fs, LocalFileSystem)
 
+    def child(self, name: str) -> Location:
+        """The location of ``name`` under this one."""
+        return Location(self.fs, posixpath.join(self.path, name))
+
     def arrow_filesystem(self) -> pafs.FileSystem | None:
         """Filesystem for Ray Data: None (Arrow's native local) or fsspec wrapped for Arrow."""
         return None if self.is_local else pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
 
 @dataclass(frozen=True)
+class Footer:
+    """What a Parquet file's footer says."""
+
+    schema: pa.Schema
+    num_rows: int
+    row_groups: list[int]
+
+
+@dataclass(frozen=True)
 class InputPlan:
-    """The Parquet files to read and what their footers say."""
+    """The Parquet files to read, what their footers say, and the files left out as bad."""
 
     location: Location
     files: list[str]
-    schema: pa.Schema
-    num_rows: int
+    footers: list[Footer]
+    skipped: dict[str, str]
+
+    @property
+    def schema(self) -> pa.Schema:
+        """Schema of the first file (all are checked to hold the needed columns)."""
+        return self.footers[0].schema
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in all files."""
+        return sum(footer.num_rows for footer in self.footers)
+
+    def file_versions(self) -> list[dict[str, Any]]:
+        """Each file's path (relative to the input), size and version (ETag or mtime), for a manifest."""
+        return [_file_version(self.location, path) for path in self.files]
+
+
+def _file_version(location: Location, path: str) -> dict[str, Any]:
+    info = location.fs.info(path)
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    relative = posixpath.relpath(path, location.path) if path != location.path else posixpath.basename(path)
+    return {"path": relative, "size": info.get("size"), "version": str(version)}
 
 
 def locate(uri: str, storage_options: dict[str, Any]) -> Location:
@@ -75,7 +109,7 @@ def find_input_files(uri: str, storage_options: dict[str, Any]) -> tuple[Locatio
         if not files:
             raise InputError(f"input path does not exist: no file matches {uri}")
     elif fs.isdir(path):
-        files = [name for name in fs.find(path) if _is_data_file(name)]
+        files = [name for name in fs.find(path) if _is_data_file(name, path)]
         if not files:
             raise InputError(f"no Parquet files ({', '.join(PARQUET_SUFFIXES)}) found under {uri}")
     elif fs.isfile(path):
@@ -85,13 +119,14 @@ def find_input_files(uri: str, storage_options: dict[str, Any]) -> tuple[Locatio
     return location, sorted(files)
 
 
-def _is_data_file(path: str) -> bool:
-    name = posixpath.basename(path)
-    return not name.startswith(("_", ".")) and name.endswith(PARQUET_SUFFIXES)
+def _is_data_file(path: str, root: str) -> bool:
+    """A Parquet file, not hidden (no ``_`` or ``.`` name) and not in a hidden directory under root."""
+    parts = posixpath.relpath(path, root).split("/")
+    return not any(part.startswith(("_", ".")) for part in parts) and parts[-1].endswith(PARQUET_SUFFIXES)
 
 
-def read_footer(fs: fsspec.AbstractFileSystem, path: str) -> tuple[pa.Schema, int]:
-    """Schema and row count of one Parquet file, from its footer alone.
+def read_footer(fs: fsspec.AbstractFileSystem, path: str) -> Footer:
+    """Schema, row count and row-group sizes of one Parquet file, from its footer alone.
 
     Raises:
         InputError: The file is unreadable or not valid Parquet; the message names it.
@@ -100,15 +135,23 @@ def read_footer(fs: fsspec.AbstractFileSystem, path: str) -> tuple[pa.Schema, in
     try:
         with fs.open(path, "rb") as handle:
             metadata = pq.ParquetFile(handle).metadata
-            return metadata.schema.to_arrow_schema(), metadata.num_rows
+            groups = [metadata.row_group(index).num_rows for index in range(metadata.num_row_groups)]
+            return Footer(metadata.schema.to_arrow_schema(), metadata.num_rows, groups)
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"cannot read Parquet file {path}: {exc}") from exc
 
 
-def read_footers(location: Location, files: Sequence[str]) -> list[tuple[pa.Schema, int]]:
-    """Schema and row count of each file, read in parallel (footers only)."""
+def read_footers(location: Location, files: Sequence[str]) -> list[Footer | InputError]:
+    """Each file's footer, or the error that names why it can't be read (read in parallel)."""
+
+    def footer_or_error(path: str) -> Footer | InputError:
+        try:
+            return read_footer(location.fs, path)
+        except InputError as exc:
+            return exc
+
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(files)))) as pool:
-        return list(pool.map(lambda path: read_footer(location.fs, path), files))
+        return list(pool.map(footer_or_error, files))
 
 
 def check_present_columns(schema: pa.Schema, columns: Sequence[str], path: str) -> None:
@@ -141,27 +184,61 @@ def inspect_input(
     storage_options: dict[str, Any],
     text_columns: Sequence[str],
     new_columns: Sequence[str],
+    skip_bad_files: bool = False,
 ) -> InputPlan:
-    """Find the input files and validate every footer before anything is scored."""
+    """Find the input files and validate every footer before anything is scored.
+
+    Raises:
+        InputError: A missing column, or an unreadable file unless ``skip_bad_files``, in which
+            case it is left out and listed in ``InputPlan.skipped``.
+
+    """
     location, files = find_input_files(uri, storage_options)
-    footers = read_footers(location, files)
-    for path, (schema, _) in zip(files, footers, strict=True):
-        check_text_columns(schema, text_columns, path)
-        check_absent_columns(schema, new_columns, path)
-    return InputPlan(location, files, footers[0][0], sum(rows for _, rows in footers))
+    kept: list[str] = []
+    footers: list[Footer] = []
+    skipped: dict[str, str] = {}
+    for path, footer in zip(files, read_footers(location, files), strict=True):
+        if isinstance(footer, InputError):
+            if not skip_bad_files:
+                raise footer
+            skipped[path] = str(footer)
+            continue
+        check_text_columns(footer.schema, text_columns, path)
+        check_absent_columns(footer.schema, new_columns, path)
+        kept.append(path)
+        footers.append(footer)
+    if not kept:
+        raise InputError(f"no readable Parquet file in {uri} ({len(skipped)} bad)")
+    return InputPlan(location, kept, footers, skipped)
 
 
-def prepare_output(uri: str, storage_options: dict[str, Any], overwrite: bool) -> Location:
-    """Check that the output directory is empty or absent (or clear it when ``overwrite``)."""
+def prepare_output(
+    uri: str, storage_options: dict[str, Any], overwrite: bool, resumable: Sequence[str] = ()
+) -> Location:
+    """Check that the output directory is empty or absent (or clear it when ``overwrite``).
+
+    Args:
+        uri: The output directory.
+        storage_options: fsspec options.
+        overwrite: Delete whatever is there.
+        resumable: Marker file names; a directory holding one of them is left for the caller to
+            resume instead of being refused.
+
+    Raises:
+        OutputError: The output is a file, or holds data that isn't resumable and no ``overwrite``.
+
+    """
     location = locate(uri, storage_options)
     fs, path = location.fs, location.path
+    fs.invalidate_cache(path)
     if fs.exists(path):
         if fs.isfile(path):
             raise OutputError(f"output {uri} is a file; give a directory for the Parquet dataset")
-        if fs.ls(path):
-            if not overwrite:
-                raise OutputError(f"output {uri} already holds data; pass --overwrite to replace it")
+        entries = fs.ls(path, detail=False)
+        if entries and overwrite:
             fs.rm(path, recursive=True)
+        elif entries and not {posixpath.basename(entry.rstrip("/")) for entry in entries} & set(resumable):
+            raise OutputError(f"output {uri} already holds data; pass --overwrite to replace it")
     return location
 
 
@@ -174,5 +251,6 @@ def write_empty_output(location: Location, schema: pa.Schema) -> None:
 
 def count_rows(location: Location) -> int:
     """Rows in the Parquet files under an output directory, from their footers."""
-    files = [name for name in location.fs.find(location.path) if _is_data_file(name)]
-    return sum(read_footer(location.fs, path)[1] for path in files)
+    location.fs.invalidate_cache(location.path)
+    files = [name for name in location.fs.find(location.path) if _is_data_file(name, location.path)]
+    return sum(read_footer(location.fs, path).num_rows for path in files)

@@ -37,9 +37,20 @@ def plan_batches(lengths: np.ndarray, max_batch_tokens: int, max_batch_pairs: in
     return batches
 
 
-def pad_rows(rows: list[list[int]], lengths: np.ndarray, pad_value: int) -> np.ndarray:
-    """Right-pad token rows into one int64 matrix as wide as the longest row."""
-    matrix = np.full((len(rows), int(lengths.max(initial=1))), pad_value, dtype=np.int64)
-    for row_number, row in enumerate(rows):
-        matrix[row_number, : len(row)] = row
+def pad_batch(values: np.ndarray, offsets: np.ndarray, batch: np.ndarray, pad_value: int) -> np.ndarray:
+    """Right-pad the rows ``batch`` of a flat ragged array into one int64 matrix.
+
+    Args:
+        values: Every row's values, concatenated.
+        offsets: Row ``i`` is ``values[offsets[i]:offsets[i + 1]]``.
+        batch: Row numbers to take, in matrix order.
+        pad_value: Fill for positions past a row's end.
+
+    """
+    starts, lengths = offsets[batch], offsets[batch + 1] - offsets[batch]
+    width = int(lengths.max(initial=1))
+    positions = np.arange(width)
+    inside = positions < lengths[:, None]
+    matrix = np.full((len(batch), width), pad_value, dtype=np.int64)
+    matrix[inside] = values[(starts[:, None] + positions)[inside]]
     return matrix

@@ -93,7 +93,7 @@ class ModelSettings(SettingsSection):
         "none", description="Scores as raw logits (none) or sigmoid (the service picks per request)."
     )
     max_batch_tokens: int | None = Field(
-        None, ge=64, description="Padded-token budget per forward pass (auto: CPU 2048, GPU 65536)."
+        None, ge=64, description="Padded-token budget per forward pass (auto: CPU 4096, GPU 65536)."
     )
     max_batch_pairs: int = Field(
         1024, ge=1, description="Max pairs per model batch (the service coalesces requests up to it)."
@@ -113,7 +113,13 @@ class JobSettings(SettingsSection):
     group_column: str | None = Field(None, description="Query-id column for --rank / --top-k.")
     rank: bool = Field(False, description="Add a 1-based 'rank' column within each group.")
     top_k: int | None = Field(None, ge=1, description="Keep only the k best rows of each group.")
-    rows_per_batch: int = Field(4096, ge=1, description="Rows handed to an actor per call.")
+    rows_per_unit: int = Field(
+        50_000, ge=1, description="Rows per work unit: the grain of scoring, commit and resume."
+    )
+    on_bad_file: Literal["fail", "skip"] = Field(
+        "fail",
+        description="An unreadable input file stops the job (fail) or is left out and reported (skip).",
+    )
     num_actors: int | None = Field(None, ge=1, description="Scoring actors (auto from cluster).")
     cpus_per_actor: float | None = Field(None, gt=0, description="CPUs per actor (auto).")
     gpus_per_actor: float | None = Field(None, ge=0, description="GPUs per actor (auto: 1 if GPUs).")

@@ -1,8 +1,20 @@
+import json
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from jobs.scoring import ScoreBatch, rank_group, valid_text_mask
+from jobs.scoring import (
+    ScoreUnits,
+    commit_units,
+    rank_group,
+    tokenize_units,
+    unit_rows,
+    valid_text_mask,
+)
+from jobs.storage import locate
+from jobs.units import WorkUnit, plan_units, read_unit
 from reranker.settings import ModelSettings
 
 pytestmark = pytest.mark.data
@@ -19,18 +31,96 @@ def test_all_null_column_is_never_valid():
     assert valid_text_mask(pa.array([None, None], pa.null())).tolist() == [False, False]
 
 
-def test_score_batch_gives_null_scores_for_bad_rows(tiny_model_dir):
-    """Rows with a null or empty query/passage get a null score; others a float32 score."""
-    scorer = ScoreBatch(ModelSettings(model=str(tiny_model_dir)), "query", "passage", "score")
-    batch = pa.table(
-        {"query": ["solar", None, "sun", ""], "passage": ["panel", "p", None, "x"], "id": [1, 2, 3, 4]}
+def run_stages(tmp_path, model_dir, table: pa.Table, rows_per_unit: int) -> pa.Table:
+    """A table through tokenize_units -> ScoreUnits -> commit_units, as the job chains them."""
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=3)
+    source, output = locate(str(tmp_path), {}), locate(str(tmp_path / "out"), {})
+    groups = [pq.ParquetFile(tmp_path / "in.parquet").metadata.row_group(i).num_rows for i in range(2)]
+    units = plan_units([str(tmp_path / "in.parquet")], [groups], rows_per_unit)
+    settings = ModelSettings(model=str(model_dir))
+    tokenized = tokenize_units(
+        pa.Table.from_pylist(unit_rows(units)), source, settings, "query", "passage", 1
     )
-    out = scorer(batch)
+    scored = ScoreUnits(settings, "score")(tokenized)
+    return commit_units(scored, output)
+
+
+def test_stages_give_null_scores_for_bad_rows(tmp_path, tiny_model_dir, tiny_model):
+    """Rows with a null or empty query/passage get a null score; others the model's float32 score."""
+    table = pa.table(
+        {
+            "query": ["solar", None, "sun", "", "wind", "tide"],
+            "passage": ["panel", "p", None, "x", "farm", "x"],
+        }
+    )
+    committed = run_stages(tmp_path, tiny_model_dir, table.append_column("id", pa.array(range(6))), 4)
+    assert committed.column("name").to_pylist() == [
+        "part-00000-000000000000.parquet",
+        "part-00000-000000000003.parquet",
+    ]
+    assert [json.loads(c)["null"] for c in committed.column("counts").to_pylist()] == [2, 1]
+    out = pq.read_table(tmp_path / "out").sort_by("id")
     assert out.column_names == ["query", "passage", "id", "score"]
     assert out.schema.field("score").type == pa.float32()
-    assert out.column("score").is_null().to_pylist() == [False, True, True, True]
-    expected = scorer.model.score(["solar"], ["panel"]).scores[0]
-    assert out.column("score")[0].as_py() == pytest.approx(float(expected), abs=1e-6)
+    assert out.column("score").is_null().to_pylist() == [False, True, True, True, False, False]
+    expected = tiny_model.score(["solar", "wind"], ["panel", "farm"]).scores
+    assert np.allclose(out.column("score").to_numpy(zero_copy_only=False)[[0, 4]], expected, atol=1e-6)
+
+
+def test_a_damaged_file_becomes_an_error_row_naming_it(tmp_path, tiny_model_dir):
+    """A unit whose data can't be read is reported (with the file name), not raised, and not committed."""
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"query": ["a"] * 5, "passage": ["b"] * 5}), path, compression="snappy")
+    damage_data_page(path)
+    rows = pa.Table.from_pylist(unit_rows([WorkUnit(0, str(path), 0, 5)]))
+    tokenized = tokenize_units(
+        rows, locate(str(tmp_path), {}), ModelSettings(model=str(tiny_model_dir)), "query", "passage", 1
+    )
+    error = tokenized.column("error")[0].as_py()
+    assert error.startswith(f"cannot read Parquet file {path}")
+    assert (
+        commit_units(
+            ScoreUnits(ModelSettings(model=str(tiny_model_dir)), "score")(tokenized),
+            locate(str(tmp_path / "o"), {}),
+        )
+        .column("error")[0]
+        .as_py()
+        == error
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def damage_data_page(path) -> None:
+    """Overwrite bytes inside the first column chunk, leaving the footer valid."""
+    metadata = pq.ParquetFile(path).metadata
+    start = metadata.row_group(0).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start + 8 : start + 40] = b"\xff" * 32
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("groups", "rows_per_unit", "expected"),
+    [
+        ([10], 10, [(0, 10)]),
+        ([3, 3, 3, 3], 7, [(0, 6), (6, 12)]),
+        ([25], 10, [(0, 8), (8, 16), (16, 25)]),
+        ([2, 25, 2], 10, [(0, 2), (2, 10), (10, 18), (18, 27), (27, 29)]),
+        ([0, 4], 10, [(0, 4)]),
+    ],
+)
+def test_plan_units_packs_small_row_groups_and_splits_large_ones(groups, rows_per_unit, expected):
+    """Units cover every row once, follow row groups where they can, and stay near the target size."""
+    units = plan_units(["f"], [groups], rows_per_unit)
+    assert [(u.row_start, u.row_stop) for u in units] == expected
+
+
+def test_read_unit_reads_exactly_its_rows(tmp_path):
+    """A unit that starts and ends inside row groups gets exactly its rows, in order."""
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"x": list(range(100))}), path, row_group_size=30)
+    table = read_unit(locate(str(path), {}).fs, WorkUnit(0, str(path), 25, 71))
+    assert table.column("x").to_pylist() == list(range(25, 71))
 
 
 def test_rank_group_orders_ranks_and_cuts():

@@ -114,5 +114,5 @@ def test_empty_output_has_the_schema(tmp_path):
     schema = pa.schema([("query", pa.string()), ("score", pa.float32())])
     location = prepare_output(str(tmp_path / "out"), {}, overwrite=False)
     write_empty_output(location, schema)
-    read_schema, rows = read_footer(location.fs, str(tmp_path / "out" / "part-00000.parquet"))
-    assert rows == 0 and read_schema.equals(schema)
+    footer = read_footer(location.fs, str(tmp_path / "out" / "part-00000.parquet"))
+    assert footer.num_rows == 0 and footer.schema.equals(schema)

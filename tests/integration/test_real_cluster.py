@@ -8,12 +8,10 @@ kill the test session's own Ray.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,7 @@ import yaml
 
 from tests.helpers import REPO_ROOT
 from tests.integration.conftest import free_port
+from tests.integration.processes import stop_cluster
 from tests.integration.test_rescore_job import pairs_table
 
 pytestmark = pytest.mark.integration
@@ -51,34 +50,6 @@ class LocalCluster:
         return subprocess.run(
             command, env=self.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
         )
-
-
-def session_pids(session_id: int) -> list[int]:
-    """Processes of one POSIX session: every process the cluster started (workers change their titles,
-    so command lines can't find them)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == session_id and fields[0] != "Z":  # state, ppid, pgrp, session; Z: exited
-            pids.append(int(entry.name))
-    return pids
-
-
-def stop_cluster(session_id: int, grace_s: float = 5) -> list[int]:
-    """SIGTERM the cluster's processes, SIGKILL what is left after the grace period; returns survivors."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in session_pids(session_id):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace_s
-        while session_pids(session_id) and time.monotonic() < deadline:
-            time.sleep(0.5)
-    return session_pids(session_id)
 
 
 def client_env() -> dict[str, str]:

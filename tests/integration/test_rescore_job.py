@@ -160,14 +160,26 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, capsys, tiny_model_dir,
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
-def test_existing_output_is_refused_without_overwrite(tmp_path, capsys, tiny_model_dir):
-    """Rerunning into a non-empty output fails unless --overwrite."""
+def test_rerun_of_a_finished_job_does_nothing_and_a_changed_one_is_refused(tmp_path, capsys, tiny_model_dir):
+    """Same command again: nothing rescored. Changed settings or foreign data: refused unless --overwrite."""
     pq.write_table(pairs_table(), tmp_path / "in.parquet")
     args = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out")]
     assert run_job(capsys, tiny_model_dir, *args)[0] == 0
-    code, _, err = run_job(capsys, tiny_model_dir, *args)
-    assert code == 2 and "--overwrite" in err
-    assert run_job(capsys, tiny_model_dir, *args, "--overwrite")[0] == 0
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("part-*")}
+    code, out, _ = run_job(capsys, tiny_model_dir, *args)
+    assert code == 0 and "rows written 12" in out and "units 1 (1 resumed)" in out
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("part-*")} == first
+    code, _, err = run_job(capsys, tiny_model_dir, *args, "--activation", "sigmoid", "--max-length", "32")
+    assert code == 2 and "activation ('none' -> 'sigmoid')" in err and "max_length (512 -> 32)" in err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert run_job(capsys, tiny_model_dir, *args, "--activation", "sigmoid", "--overwrite")[0] == 0
+    pq.write_table(pairs_table(), tmp_path / "foreign" / "x.parquet") if (
+        tmp_path / "foreign"
+    ).mkdir() is None else None
+    code, _, err = run_job(
+        capsys, tiny_model_dir, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "foreign")
+    )
+    assert code == 2 and "already holds data" in err
 
 
 def test_s3_input_and_output(tmp_path, capsys, tiny_model_dir, s3_server):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from reranker.batching import pad_rows, plan_batches
+from reranker.batching import pad_batch, plan_batches
 
 pytestmark = pytest.mark.unit
 
@@ -45,8 +45,9 @@ def test_invalid_limits_are_rejected():
         plan_batches(np.array([1]), 0, 8)
 
 
-def test_pad_rows_right_pads_to_longest():
-    """Rows are right-padded with the pad value."""
-    matrix = pad_rows([[1, 2, 3], [4]], np.array([3, 1]), pad_value=0)
-    assert matrix.tolist() == [[1, 2, 3], [4, 0, 0]]
+def test_pad_batch_right_pads_the_chosen_rows():
+    """The chosen rows of a flat ragged array, in the given order, right-padded to the longest."""
+    values, offsets = np.array([1, 2, 3, 4, 5, 6], dtype=np.int32), np.array([0, 3, 4, 6])
+    matrix = pad_batch(values, offsets, np.array([2, 1, 0]), pad_value=0)
+    assert matrix.tolist() == [[5, 6, 0], [4, 0, 0], [1, 2, 3]]
     assert matrix.dtype == np.int64

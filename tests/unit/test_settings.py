@@ -48,8 +48,8 @@ def test_precedence_flags_over_env_over_file_over_defaults(tmp_path, monkeypatch
 def test_config_flag_names_the_file(tmp_path):
     """--config loads the YAML file given on the command line."""
     config = tmp_path / "c.yaml"
-    config.write_text("rows_per_batch: 77\n")
-    assert RescoreSettings.load(**parse("--config", str(config))).job.rows_per_batch == 77
+    config.write_text("rows_per_unit: 77\n")
+    assert RescoreSettings.load(**parse("--config", str(config))).job.rows_per_unit == 77
 
 
 def test_settings_are_frozen():

@@ -1,0 +1,188 @@
+"""Exactly-once output: atomic file commits, the job manifest a rerun trusts, storage retries.
+
+Layout of an output directory (names starting with ``_`` are hidden from Parquet readers):
+
+- ``part-FFFFF-RRRRRRRRRRRR.parquet``: one file per work unit, each with its counts in its footer.
+- ``_rescore_job.json``: what produced the output (model, scoring settings, input files); a rerun
+  resumes only when it matches.
+- ``_tmp/``: files being written on local disk, renamed into place when complete.
+- ``_scored/``: per-unit files of a ranked job, before the per-query ranking.
+- ``_SUCCESS``: the job's summary, written last.
+- ``_skipped_files.json``: the bad input files a ``--on-bad-file skip`` run left out, and why.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import posixpath
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.storage import Location
+from reranker.errors import OutputError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "_rescore_job.json"
+SUCCESS_NAME = "_SUCCESS"
+SKIPPED_NAME = "_skipped_files.json"
+TMP_DIR = "_tmp"
+COUNTS_KEY = b"rerank.counts"
+STORAGE_ATTEMPTS = 5
+_TRANSIENT_MARKERS = (
+    "slowdown",
+    "slow down",
+    "503",
+    "500 internal",
+    "internalerror",
+    "requesttimeout",
+    "serviceunavailable",
+    "throttl",
+    "connection reset",
+    "connection aborted",
+    "timed out",
+    "temporarily unavailable",
+)
+T = TypeVar("T")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for storage errors worth retrying (throttling, timeouts, dropped connections)."""
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(marker in text for marker in _TRANSIENT_MARKERS)
+
+
+def with_retries(action: Callable[[], T], what: str, attempts: int = STORAGE_ATTEMPTS) -> T:
+    """Run a storage action, retrying transient errors with exponential backoff.
+
+    Raises:
+        Exception: The last error, or the first one that is not transient.
+
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except Exception as exc:
+            if attempt == attempts or not is_transient(exc):
+                raise
+            delay = min(0.5 * 2 ** (attempt - 1), 8.0)
+            logger.warning("%s: %s; retry %d/%d in %.1fs", what, exc, attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def commit_table(location: Location, name: str, table: pa.Table, counts: Mapping[str, int]) -> None:
+    """Write ``table`` as ``location/name`` so no reader ever sees it half-written.
+
+    Local disk: written under ``_tmp/`` and renamed into place. Object stores: one upload, which
+    becomes visible only when complete (a single PUT, or a multipart upload's completion).
+    The unit's counts go into the file's footer metadata.
+    """
+    metadata = {**(table.schema.metadata or {}), COUNTS_KEY: json.dumps(dict(counts)).encode()}
+    table = table.replace_schema_metadata(metadata)
+    final = posixpath.join(location.path, name)
+
+    def write() -> None:
+        if not location.is_local:
+            with location.fs.open(final, "wb") as handle:
+                pq.write_table(table, handle)
+            return
+        temporary = posixpath.join(location.path, TMP_DIR, f"{name}.{uuid.uuid4().hex}")
+        location.fs.makedirs(posixpath.dirname(temporary), exist_ok=True)
+        with location.fs.open(temporary, "wb") as handle:
+            pq.write_table(table, handle)
+        location.fs.mv(temporary, final)  # os.rename: atomic on one filesystem
+
+    with_retries(write, f"writing {final}")
+
+
+def committed_counts(location: Location, names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """The counts each committed unit file carries in its footer, by file name."""
+
+    def counts_of(name: str) -> dict[str, int]:
+        path = posixpath.join(location.path, name)
+        with location.fs.open(path, "rb") as handle:
+            metadata = pq.ParquetFile(handle).schema_arrow.metadata or {}
+        if COUNTS_KEY not in metadata:
+            raise OutputError(f"{path} was not written by this job (no {COUNTS_KEY.decode()} in its footer)")
+        return dict(json.loads(metadata[COUNTS_KEY]))
+
+    location.fs.invalidate_cache(location.path)  # the files were written by other processes
+    return {name: with_retries(functools.partial(counts_of, name), f"reading {name}") for name in names}
+
+
+def list_names(location: Location, prefix: str = "part-") -> set[str]:
+    """Names of the files directly under ``location`` that start with ``prefix``."""
+    location.fs.invalidate_cache(location.path)
+    if not location.fs.exists(location.path):
+        return set()
+    entries = with_retries(lambda: location.fs.ls(location.path, detail=False), f"listing {location.path}")
+    names = {posixpath.basename(entry.rstrip("/")) for entry in entries}
+    return {name for name in names if name.startswith(prefix)}
+
+
+def remove_files(location: Location, names: Sequence[str]) -> None:
+    """Delete the named files (and directories) under ``location`` that exist."""
+    for name in names:
+        path = posixpath.join(location.path, name)
+        if location.fs.exists(path):
+            with_retries(functools.partial(location.fs.rm, path, recursive=True), f"deleting {path}")
+
+
+def write_json(location: Location, name: str, value: Any) -> None:
+    """Write a small JSON file atomically (one PUT, or temp file + rename)."""
+    data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+    final = posixpath.join(location.path, name)
+
+    def write() -> None:
+        location.fs.makedirs(location.path, exist_ok=True)
+        target = final if not location.is_local else f"{final}.{uuid.uuid4().hex}.tmp"
+        with location.fs.open(target, "wb") as handle:
+            handle.write(data)
+        if target != final:
+            location.fs.mv(target, final)
+
+    with_retries(write, f"writing {final}")
+
+
+def read_json(location: Location, name: str) -> Any | None:
+    """A JSON file under ``location``, or None when absent."""
+    path = posixpath.join(location.path, name)
+    location.fs.invalidate_cache(location.path)
+    if not location.fs.exists(path):
+        return None
+    with location.fs.open(path, "rb") as handle:
+        return json.loads(handle.read())
+
+
+def changed_fields(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """What differs between two manifests, each item naming the field and both values."""
+    changes = []
+    for key in sorted(set(previous) | set(current)):
+        if key == "input_files":
+            changes.extend(_changed_files(previous.get(key) or [], current.get(key) or []))
+        elif previous.get(key) != current.get(key):
+            changes.append(f"{key} ({previous.get(key)!r} -> {current.get(key)!r})")
+    return changes
+
+
+def _changed_files(previous: Sequence[Mapping[str, Any]], current: Sequence[Mapping[str, Any]]) -> list[str]:
+    before = {entry["path"]: entry for entry in previous}
+    after = {entry["path"]: entry for entry in current}
+    changes = [f"input file {path} added" for path in sorted(set(after) - set(before))]
+    changes += [f"input file {path} removed" for path in sorted(set(before) - set(after))]
+    changes += [
+        f"input file {path} changed (size or version)"
+        for path in sorted(set(before) & set(after))
+        if before[path] != after[path]
+    ]
+    return changes

@@ -1,0 +1,115 @@
+"""Work units: the job's unit of scoring, commit and resume.
+
+A unit is a contiguous row range of one input file (whole row groups where they are small
+enough). Its output file name is derived from the file's position in the sorted input and the
+range's first row, so a rerun of the same job maps every unit to the same output file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+READ_BATCH_ROWS = 16_384
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Rows ``[row_start, row_stop)`` of input file ``path``."""
+
+    file_index: int
+    path: str
+    row_start: int
+    row_stop: int
+
+    @property
+    def name(self) -> str:
+        """The output file name of this unit, the same in every run of the job."""
+        return f"part-{self.file_index:05d}-{self.row_start:012d}.parquet"
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in the unit."""
+        return self.row_stop - self.row_start
+
+
+def plan_units(
+    files: Sequence[str], row_groups: Sequence[Sequence[int]], rows_per_unit: int
+) -> list[WorkUnit]:
+    """Cut every file into units of about ``rows_per_unit`` rows.
+
+    Small row groups are packed whole into a unit until it would pass ``rows_per_unit``; a row
+    group larger than that is split into equal row ranges.
+
+    Args:
+        files: Input files, in their stable (sorted) order.
+        row_groups: Row count of each row group of each file.
+        rows_per_unit: Target rows per unit.
+
+    """
+    units: list[WorkUnit] = []
+    for file_index, (path, groups) in enumerate(zip(files, row_groups, strict=True)):
+        for start, stop in _unit_ranges(groups, rows_per_unit):
+            units.append(WorkUnit(file_index, path, start, stop))
+    return units
+
+
+def _unit_ranges(groups: Sequence[int], rows_per_unit: int) -> Iterator[tuple[int, int]]:
+    unit_start = group_start = 0
+    for size in groups:
+        group_stop = group_start + size
+        if size > rows_per_unit:
+            if group_start > unit_start:
+                yield unit_start, group_start
+            pieces = math.ceil(size / rows_per_unit)
+            bounds = [group_start + size * piece // pieces for piece in range(pieces + 1)]
+            yield from itertools.pairwise(bounds)
+            unit_start = group_stop
+        elif group_stop - unit_start > rows_per_unit and group_start > unit_start:
+            yield unit_start, group_start
+            unit_start = group_start
+        group_start = group_stop
+    if group_start > unit_start:
+        yield unit_start, group_start
+
+
+def read_unit(fs: fsspec.AbstractFileSystem, unit: WorkUnit) -> pa.Table:
+    """The unit's rows, reading only the row groups it overlaps, a batch at a time.
+
+    Raises:
+        OSError, pyarrow.ArrowException: The file can't be read or is damaged.
+
+    """
+    with fs.open(unit.path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        group_start, groups = _overlapping_groups(parquet.metadata, unit)
+        pieces, position = [], group_start
+        batches = parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups, use_threads=False)
+        for batch in batches:
+            low, high = max(unit.row_start - position, 0), min(unit.row_stop - position, batch.num_rows)
+            if high > low:
+                pieces.append(batch.slice(low, high - low))
+            position += batch.num_rows
+            if position >= unit.row_stop:
+                break
+        schema = parquet.schema_arrow
+    return pa.Table.from_batches(pieces, schema=schema)
+
+
+def _overlapping_groups(metadata: pq.FileMetaData, unit: WorkUnit) -> tuple[int, list[int]]:
+    """The first row of the first row group the unit overlaps, and every row group it overlaps."""
+    groups: list[int] = []
+    start = first_start = 0
+    for index in range(metadata.num_row_groups):
+        stop = start + metadata.row_group(index).num_rows
+        if stop > unit.row_start and start < unit.row_stop:
+            first_start = first_start if groups else start
+            groups.append(index)
+        start = stop
+    return first_start, groups

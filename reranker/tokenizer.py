@@ -1,0 +1,236 @@
+"""The model's tokenizer, and the check that a model can be loaded, without torch.
+
+A tokenization stage and a job's driver import only this (``reranker.model`` adds the weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from reranker.errors import ModelLoadError
+from reranker.settings import ModelSettings
+from reranker.types import TruncationSide
+
+
+@dataclass(frozen=True)
+class EncodedPairs:
+    """Token ids of tokenized (query, passage) pairs, unpadded and flat.
+
+    Pair ``i`` has tokens ``input_ids[offsets[i]:offsets[i + 1]]``; flat arrays move between
+    processes (a tokenization stage and a scoring actor) without per-pair Python objects.
+    """
+
+    input_ids: np.ndarray
+    offsets: np.ndarray
+    token_type_ids: np.ndarray | None
+    truncated: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens in each pair."""
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def pair_ids(self) -> list[list[int]]:
+        """Each pair's token ids as lists (for inspection and tests)."""
+        return [self.input_ids[a:b].tolist() for a, b in itertools.pairwise(self.offsets)]
+
+
+class PairTokenizer:
+    """The model's tokenizer alone: what a CPU tokenization stage loads (no weights).
+
+    Thread-safe: per-call truncation settings are applied under a lock.
+    """
+
+    def __init__(self, settings: ModelSettings, config: Any | None = None) -> None:
+        """Load the tokenizer (and the model config when not given, for its position limit).
+
+        Raises:
+            ModelLoadError: The tokenizer or config can't be found or read.
+
+        """
+        options = _hub_options(settings)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(settings.model, **options)
+            config = config or AutoConfig.from_pretrained(settings.model, **options)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(_load_failure_message(settings.model, exc)) from exc
+        self.max_length = _effective_max_length(settings.max_length, self.tokenizer, config)
+        self.uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self._lock = threading.Lock()
+
+    def tokenize(
+        self,
+        queries: Sequence[str],
+        passages: Sequence[str],
+        max_length: int | None = None,
+        truncation_side: TruncationSide = "right",
+        max_passage_tokens: int | None = None,
+    ) -> EncodedPairs:
+        """Tokenize pairs, truncating the longer side first (at its end, or start if "left").
+
+        Args:
+            queries: Query of each pair.
+            passages: Passage of each pair.
+            max_length: Tokens per pair, at most the model's ``max_length``.
+            truncation_side: Which end of a text truncation cuts.
+            max_passage_tokens: Cut each passage to this many of its own tokens first (Cohere's
+                ``max_tokens_per_doc``), from the same side.
+        """
+        limit = min(max_length or self.max_length, self.max_length)
+        with self._lock:
+            default_side = self.tokenizer.truncation_side
+            self.tokenizer.truncation_side = truncation_side
+            try:
+                if max_passage_tokens is not None:
+                    passages = self._cut_passages(passages, max_passage_tokens)
+                encoding = self.tokenizer(
+                    list(queries), list(passages), truncation="longest_first", max_length=limit
+                )
+            finally:
+                self.tokenizer.truncation_side = default_side
+        input_ids = encoding["input_ids"]
+        lengths = np.fromiter((len(ids) for ids in input_ids), dtype=np.int64, count=len(input_ids))
+        if encoding.encodings is not None:
+            truncated = np.array([len(enc.overflowing) > 0 for enc in encoding.encodings], dtype=bool)
+        else:  # slow tokenizer: a pair that fills the limit exactly is counted as truncated
+            truncated = lengths >= limit
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        token_types = encoding.get("token_type_ids") if self.uses_token_types else None
+        return EncodedPairs(
+            _flatten(input_ids, int(offsets[-1])),
+            offsets,
+            None if token_types is None else _flatten(token_types, int(offsets[-1])),
+            truncated,
+        )
+
+    def _cut_passages(self, passages: Sequence[str], max_tokens: int) -> list[str]:
+        """Each passage cut to at most ``max_tokens`` of its own tokens, from the tokenizer's side.
+
+        The cut falls between whole words (a word split across the limit is left out), so the text
+        re-tokenizes to exactly the kept tokens.
+        """
+        if not self.tokenizer.is_fast:  # no offsets: rebuild the text from the kept tokens
+            ids = self.tokenizer(
+                list(passages), add_special_tokens=False, truncation=True, max_length=max_tokens
+            )
+            return self.tokenizer.batch_decode(ids["input_ids"])
+        encoding = self.tokenizer(
+            list(passages),
+            add_special_tokens=False,
+            truncation=True,
+            max_length=max_tokens + 1,  # one more token tells whether the limit splits a word
+            return_offsets_mapping=True,
+        )
+        from_left = self.tokenizer.truncation_side == "left"
+        cut = []
+        for index, text in enumerate(passages):
+            offsets, words = encoding["offset_mapping"][index], encoding.word_ids(index)
+            if len(offsets) <= max_tokens:
+                cut.append(text)
+                continue
+            kept = _whole_word_window(words, max_tokens, from_left)
+            cut.append(text[offsets[kept.start][0] : offsets[kept.stop - 1][1]] if kept else "")
+        return cut
+
+
+def _flatten(rows: list[list[int]], total: int) -> np.ndarray:
+    return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=total)
+
+
+def _whole_word_window(words: list[int | None], size: int, from_left: bool) -> range:
+    """Token positions of the ``size`` tokens kept at one end, less a word the limit cuts through.
+
+    ``words`` holds ``size + 1`` word ids: the kept tokens plus the first one dropped.
+    """
+    kept = range(1, size + 1) if from_left else range(size)
+    dropped = 0 if from_left else size
+    boundary = kept.start if from_left else kept.stop - 1
+    if words[dropped] is None or words[dropped] != words[boundary]:
+        return kept
+    split_word = words[boundary]
+    positions = [i for i in kept if words[i] != split_word]
+    return range(positions[0], positions[-1] + 1) if positions else range(0)
+
+
+def _effective_max_length(requested: int, tokenizer: PreTrainedTokenizerBase, config: Any) -> int:
+    limits = [requested, getattr(config, "max_position_embeddings", requested)]
+    if isinstance(tokenizer.model_max_length, int) and tokenizer.model_max_length < 1_000_000:
+        limits.append(tokenizer.model_max_length)
+    return min(limits)
+
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_loadable(settings: ModelSettings) -> None:
+    """Fail fast, e.g. on a job's driver before any worker starts, if the model can't be loaded.
+
+    Reads the config and the tokenizer (small files) and checks that a local directory holds weights
+    and that the head has 1 or 2 labels; the weights themselves are left to the workers.
+
+    Raises:
+        ModelLoadError: Unknown id, no network, a directory without weights, or not a reranker head.
+    """
+    options = _hub_options(settings)
+    try:
+        with _hub_warnings_silenced():  # the one error below says it all, not a warning per retry
+            config = AutoConfig.from_pretrained(settings.model, **options)
+            AutoTokenizer.from_pretrained(settings.model, **options)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_load_failure_message(settings.model, exc)) from exc
+    local = Path(settings.model)
+    if local.is_dir() and not any((local / name).is_file() for name in WEIGHT_FILES):
+        raise ModelLoadError(
+            f"cannot load model {settings.model!r}: the directory has no weights "
+            f"({', '.join(WEIGHT_FILES[::2])})"
+        )
+    _check_labels(settings.model, config.num_labels)
+
+
+@contextlib.contextmanager
+def _hub_warnings_silenced() -> Iterator[None]:
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
+
+
+def _check_labels(model: str, num_labels: int) -> None:
+    if num_labels not in (1, 2):
+        raise ModelLoadError(f"model {model!r} has {num_labels} labels; a reranker needs 1 (or 2)")
+
+
+def _hub_options(settings: ModelSettings) -> dict[str, Any]:
+    return {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
+
+
+def _load_failure_message(model: str, exc: Exception) -> str:
+    reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+    return (
+        f"cannot load model {model!r}: {reason}. "
+        "If this machine has no network access, download the model where there is one "
+        f"(huggingface-cli download {model} --local-dir DIR), copy DIR here, and pass "
+        "--model DIR (or RERANK_MODEL=DIR)."
+    )
