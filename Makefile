@@ -39,7 +39,7 @@ typecheck: install
 check: lint typecheck test
 
 bench: install
-	$(PY) bench/rescore_throughput.py
+	$(PY) -m bench.rescore_bench
 	$(PY) bench/serve_load.py
 
 clean:

@@ -4,8 +4,7 @@
 (``CrossEncoderModel.score``), (c) the Ray Data job end to end as a user runs it (``python -m
 jobs.rescore`` as a subprocess, Ray start-up included). Prints one JSON object.
 
-    python bench/rescore_bench.py [--pairs 100000] [--files 10] [--model DIR]
-        [--fidelity-model ../shared/models/minilm-l6-lexical]
+    python -m bench.rescore_bench [--pairs 100000] [--files 10] [--model DIR] [--job-args '...']
 """
 
 from __future__ import annotations
@@ -23,9 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.harness import run_job, write_pairs
-from tests.helpers import SHARED, TWIN_MODEL
-
-MINILM = SHARED / "models" / "minilm-l6-lexical"
+from tests.helpers import TWIN_MODEL
 
 
 def time_cross_encoder(model: str, table: pa.Table) -> tuple[dict[str, Any], np.ndarray]:
@@ -111,7 +108,6 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=10)
     parser.add_argument("--model", default=str(TWIN_MODEL))
     parser.add_argument("--job-args", default="", help="extra job flags, e.g. '--rows-per-unit 20000'")
-    parser.add_argument("--skip-fidelity", action="store_true", help="leave out the backend fidelity check")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="rescore-bench-") as workdir:

@@ -4,7 +4,7 @@ For each size, builds N pairs of recombined DL19/DL20 text (``bench.harness``) a
 files, runs ``python -m jobs.rescore`` in a session of its own and samples the memory of every
 process in it (driver, raylet/GCS, tokenize/commit workers, scoring actors).
 
-    python bench/rescore_scale.py [--pairs 100000 1000000] [--rows-per-file 100000] [--model DIR]
+    python -m bench.rescore_scale [--pairs 100000 1000000] [--rows-per-file 100000] [--model DIR]
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ def measure(num_pairs: int, rows_per_file: int, model: str, workdir: Path) -> di
     shutil.rmtree(input_dir)
     shutil.rmtree(output_dir)
     result.pop("started_at")
-    return {"rows": num_pairs, "files": files, "pairs_per_s": round(num_pairs / result["wall_s"], 1), **result}
+    return {
+        "rows": num_pairs,
+        "files": files,
+        "pairs_per_s": round(num_pairs / result["wall_s"], 1),
+        **result,
+    }
 
 
 def main() -> None:

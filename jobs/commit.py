@@ -36,8 +36,12 @@ SKIPPED_NAME = "_skipped_files.json"
 TMP_DIR = "_tmp"
 COUNTS_KEY = b"rerank.counts"
 STORAGE_ATTEMPTS = 5
-_TRANSIENT_MARKERS = (
+_TRANSIENT_MARKERS = (  # botocore/s3fs wording, and Arrow's S3 error names (as Ray Data retries them)
     "slowdown",
+    "slow_down",
+    "network_connection",
+    "internal_failure",
+    "service_unavailable",
     "slow down",
     "503",
     "500 internal",
@@ -92,9 +96,10 @@ def commit_table(location: Location, name: str, table: pa.Table, counts: Mapping
     final = posixpath.join(location.path, name)
 
     def write() -> None:
-        if not location.is_local:
-            with location.fs.open(final, "wb") as handle:
-                pq.write_table(table, handle)
+        if not location.is_local:  # one upload of the finished bytes: an exception can't commit half
+            buffer = pa.BufferOutputStream()
+            pq.write_table(table, buffer)
+            location.fs.pipe_file(final, buffer.getvalue().to_pybytes())
             return
         temporary = posixpath.join(location.path, TMP_DIR, f"{name}.{uuid.uuid4().hex}")
         location.fs.makedirs(posixpath.dirname(temporary), exist_ok=True)
@@ -144,12 +149,14 @@ def write_json(location: Location, name: str, value: Any) -> None:
     final = posixpath.join(location.path, name)
 
     def write() -> None:
+        if not location.is_local:
+            location.fs.pipe_file(final, data)
+            return
         location.fs.makedirs(location.path, exist_ok=True)
-        target = final if not location.is_local else f"{final}.{uuid.uuid4().hex}.tmp"
-        with location.fs.open(target, "wb") as handle:
+        temporary = f"{final}.{uuid.uuid4().hex}.tmp"
+        with location.fs.open(temporary, "wb") as handle:
             handle.write(data)
-        if target != final:
-            location.fs.mv(target, final)
+        location.fs.mv(temporary, final)
 
     with_retries(write, f"writing {final}")
 

@@ -102,3 +102,47 @@ def test_rank_partitions_follow_the_input_size():
     from jobs.rescore import rank_partitions
 
     assert [rank_partitions(n) for n in (0, 36, 100_000, 100_001, 10**9)] == [1, 1, 1, 2, 200]
+
+
+def test_gpu_node_tokenizes_on_every_cpu_the_actors_leave():
+    """An 8-GPU node with 96 CPUs: 8 GPU actors, and tokenization on the 88 CPUs they leave."""
+    plan = plan_actor_pool([{"CPU": 96.0, "GPU": 8.0}], RescoreSettings.load().job)
+    assert (plan.num_actors, plan.gpus_per_actor, plan.tokenize_tasks) == (8, 1.0, 88)
+    one_gpu = plan_actor_pool([{"CPU": 8.0, "GPU": 1.0}], RescoreSettings.load().job)
+    assert (one_gpu.num_actors, one_gpu.tokenize_tasks) == (1, 7)
+
+
+def test_two_core_machine_tokenizes_beside_its_one_actor():
+    """The 2-core laptop: one tokenization task at a time on the CPU the actor leaves."""
+    assert plan_actor_pool([{"CPU": 2.0}], RescoreSettings.load().job).tokenize_tasks == 1
+
+
+def stages(plan) -> list[tuple[str, dict, object]]:
+    """(name, remote args, compute) of each operator of the job's pipeline, first to last."""
+    from jobs.rescore import build_pipeline
+    from jobs.storage import locate
+    from jobs.units import WorkUnit
+
+    class Input:
+        location = locate("/tmp", {})
+
+    settings = RescoreSettings.load(input="in", output="out")
+    dataset = build_pipeline([WorkUnit(0, "/tmp/x", 0, 1)], Input, settings, plan, locate("/tmp/o", {}))
+    found, operator = [], dataset._logical_plan.dag
+    while operator.input_dependencies:
+        found.append((operator.name, operator.ray_remote_args, operator.compute))
+        operator = operator.input_dependencies[0]
+    return found[::-1]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_pipeline_has_the_same_shape_on_cpu_and_gpu_with_cluster_derived_sizes():
+    """tokenize tasks -> scoring actors -> commit tasks on both; sizes and GPUs follow the plan."""
+    gpu = stages(plan_actor_pool([{"CPU": 96.0, "GPU": 8.0}], RescoreSettings.load().job))
+    cpu = stages(plan_actor_pool([{"CPU": 2.0}], RescoreSettings.load().job))
+    names = ["MapBatches(tokenize_units)", "MapBatches(ScoreUnits)", "MapBatches(commit_units)"]
+    assert [name for name, _, _ in gpu] == [name for name, _, _ in cpu] == names
+    assert gpu[0][2].size == 88 and cpu[0][2].size == 1
+    assert gpu[1][1]["num_gpus"] == 1.0 and gpu[1][2].min_size == gpu[1][2].max_size == 8
+    assert cpu[1][1]["num_gpus"] == 0.0 and cpu[1][2].max_size == 1
+    assert "max_retries" in gpu[0][1]  # the tokenize stage is never fused into the GPU actors
