@@ -146,8 +146,15 @@ def run_job(args: Sequence[str], env_overrides: dict[str, str] | None = None) ->
         "started_at": time.time() - wall,
         "summary": out.strip().splitlines()[-1],
         "stage_seconds": _stage_seconds(err),
+        "actor_pool": _actor_pool(err),
         **sampler.report_mib(),
     }
+
+
+def _actor_pool(log: str) -> str:
+    """The job's actor pool plan (actors, CPUs/GPUs each, torch threads, tokenize tasks) from its log."""
+    lines = [line.split("actor pool: ", 1)[1] for line in log.splitlines() if "actor pool: " in line]
+    return lines[-1] if lines else ""
 
 
 def _stage_seconds(log: str) -> dict[str, float]:
