@@ -374,7 +374,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the job; a user error prints one line and returns 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         settings = RescoreSettings.load(**overrides_from_args(parse_args(argv)))
         summary = run(settings)
@@ -389,5 +388,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Process entry point: configure logging, run, exit with main()'s code.
+
+    Logging is the process's to configure, not main()'s: tests call main() in-process.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
