@@ -9,7 +9,7 @@ concurrent callers (a Serve replica's requests) never change each other's result
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from reranker.batching import pad_batch, plan_batches
+from reranker.cls_forward import build_cls_forward
 from reranker.errors import ConfigError, ModelLoadError
 from reranker.settings import ModelSettings
 from reranker.tokenizer import (
@@ -103,6 +104,7 @@ class CrossEncoderModel:
             torch.set_num_threads(settings.torch_threads)
         self.model = _load_weights(settings, self.dtype)
         self.model.to(self.device).eval()
+        self._logits = self._pick_forward(settings)
         self.pair_tokenizer = PairTokenizer(settings, self.model.config)
         self.max_length = self.pair_tokenizer.max_length
         self.max_batch_tokens = settings.max_batch_tokens or default_batch_tokens(self.device)
@@ -145,8 +147,14 @@ class CrossEncoderModel:
         }
         if encoded.token_type_ids is not None:
             inputs["token_type_ids"] = pad_batch(encoded.token_type_ids, encoded.offsets, batch, 0)
-        logits = self.model(**{key: self._to_device(value) for key, value in inputs.items()}).logits
+        logits = self._logits(**{key: self._to_device(value) for key, value in inputs.items()})
         return _relevance_logit(logits).float().cpu().numpy()
+
+    def _pick_forward(self, settings: ModelSettings) -> Callable[..., torch.Tensor]:
+        """The [CLS]-only forward where it applies and checks out, else the Hugging Face one."""
+        fast = build_cls_forward(self.model, self.dtype) if settings.cls_only_last_layer else None
+        logger.info("forward: %s", "last layer at [CLS] only" if fast else "full (Hugging Face)")
+        return fast or (lambda **inputs: self.model(**inputs).logits)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         """Host array to a tensor on the model's device; through pinned memory on CUDA (async copy)."""

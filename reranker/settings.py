@@ -99,6 +99,10 @@ class ModelSettings(SettingsSection):
         1024, ge=1, description="Max pairs per model batch (the service coalesces requests up to it)."
     )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (auto).")
+    cls_only_last_layer: bool = Field(
+        True,
+        description="Run the last layer at [CLS] only (exact, BERT-family; others: full forward).",
+    )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
 
 

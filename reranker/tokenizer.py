@@ -21,6 +21,8 @@ from reranker.errors import ModelLoadError
 from reranker.settings import ModelSettings
 from reranker.types import TruncationSide
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class EncodedPairs:
@@ -71,6 +73,7 @@ class PairTokenizer:
         self.uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
         self.pad_id = self.tokenizer.pad_token_id or 0
         self._lock = threading.Lock()
+        self._backend = self._checked_backend()
 
     def tokenize(
         self,
@@ -97,25 +100,56 @@ class PairTokenizer:
             try:
                 if max_passage_tokens is not None:
                     passages = self._cut_passages(passages, max_passage_tokens)
-                encoding = self.tokenizer(
-                    list(queries), list(passages), truncation="longest_first", max_length=limit
-                )
+                rows = self._encode(list(queries), list(passages), limit, truncation_side)
             finally:
                 self.tokenizer.truncation_side = default_side
-        input_ids = encoding["input_ids"]
-        lengths = np.fromiter((len(ids) for ids in input_ids), dtype=np.int64, count=len(input_ids))
+        return _flat_pairs(*rows)
+
+    def _encode(
+        self, queries: list[str], passages: list[str], limit: int, side: TruncationSide
+    ) -> tuple[list[list[int]], list[list[int]] | None, np.ndarray]:
+        """Token ids, token type ids (if the model takes them) and truncated flags of each pair."""
+        if self._backend is not None:
+            return self._encode_direct(self._backend, queries, passages, limit, side)
+        encoding = self.tokenizer(queries, passages, truncation="longest_first", max_length=limit)
+        ids = encoding["input_ids"]
         if encoding.encodings is not None:
             truncated = np.array([len(enc.overflowing) > 0 for enc in encoding.encodings], dtype=bool)
         else:  # slow tokenizer: a pair that fills the limit exactly is counted as truncated
-            truncated = lengths >= limit
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        token_types = encoding.get("token_type_ids") if self.uses_token_types else None
-        return EncodedPairs(
-            _flatten(input_ids, int(offsets[-1])),
-            offsets,
-            None if token_types is None else _flatten(token_types, int(offsets[-1])),
-            truncated,
-        )
+            truncated = np.array([len(row) >= limit for row in ids], dtype=bool)
+        return ids, encoding.get("token_type_ids") if self.uses_token_types else None, truncated
+
+    def _encode_direct(
+        self, backend: Any, queries: list[str], passages: list[str], limit: int, side: TruncationSide
+    ) -> tuple[list[list[int]], list[list[int]] | None, np.ndarray]:
+        """``_encode`` through the Rust tokenizer itself."""
+        backend.enable_truncation(limit, strategy="longest_first", direction=side)
+        backend.no_padding()
+        encodings = _encode_batch(backend)(list(zip(queries, passages, strict=True)))
+        types = [enc.type_ids for enc in encodings] if self.uses_token_types else None
+        truncated = np.fromiter((bool(enc.overflowing) for enc in encodings), bool, len(encodings))
+        return [enc.ids for enc in encodings], types, truncated
+
+    def _checked_backend(self) -> Any | None:
+        """The Rust tokenizer behind a fast tokenizer, if it encodes probe pairs as the wrapper does.
+
+        Calling it directly skips the wrapper's per-pair Python objects (~1.5x faster tokenization);
+        a tokenizer whose wrapper adds anything of its own keeps the wrapper.
+        """
+        if not self.tokenizer.is_fast:
+            return None
+        backend, default_side = self.tokenizer.backend_tokenizer, self.tokenizer.truncation_side
+        self._backend = None
+        probes = ["What is a Café?", "q", "x"], ["Über " * 40 + "solar PANELS", "x y", "a\tb  c"]
+        for side in ("right", "left"):
+            self.tokenizer.truncation_side = side
+            wrapped = self._encode(*probes, limit=24, side=side)
+            direct = self._encode_direct(backend, *probes, limit=24, side=side)
+            self.tokenizer.truncation_side = default_side
+            if wrapped[:2] != direct[:2] or not np.array_equal(wrapped[2], direct[2]):
+                logger.warning("tokenizing through the wrapper: its backend encodes differently")
+                return None
+        return backend
 
     def _cut_passages(self, passages: Sequence[str], max_tokens: int) -> list[str]:
         """Each passage cut to at most ``max_tokens`` of its own tokens, from the tokenizer's side.
@@ -147,8 +181,23 @@ class PairTokenizer:
         return cut
 
 
+def _flat_pairs(
+    ids: list[list[int]], token_types: list[list[int]] | None, truncated: np.ndarray
+) -> EncodedPairs:
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    total = int(offsets[-1])
+    types = None if token_types is None else _flatten(token_types, total)
+    return EncodedPairs(_flatten(ids, total), offsets, types, truncated)
+
+
 def _flatten(rows: list[list[int]], total: int) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=total)
+
+
+def _encode_batch(backend: Any) -> Any:
+    """The backend's batch encoder without character offsets where it has one (tokenizers >= 0.21)."""
+    return getattr(backend, "encode_batch_fast", backend.encode_batch)
 
 
 def _whole_word_window(words: list[int | None], size: int, from_left: bool) -> range:
