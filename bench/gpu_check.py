@@ -2,7 +2,8 @@
 
 Builds a randomly initialised model with TinyBERT-L2's shape (hidden 128, 2 layers, 2 heads) and a
 WordPiece tokenizer in a temp dir (no hub, no ../shared), scores N pairs of ~96 tokens at each
-precision, and prints JSON. Needs CUDA.
+precision, with the last layer at [CLS] only (the default) and with the full forward, and prints JSON.
+Needs CUDA.
 
     python -m bench.gpu_check [--pairs 200000]
 """
@@ -35,6 +36,24 @@ def tinybert_shaped(directory: Path) -> Path:
     return directory
 
 
+def time_scoring(
+    scorer: CrossEncoderModel, queries: list[str], passages: list[str]
+) -> tuple[float, np.ndarray, dict[str, object]]:
+    """Seconds of the forward passes over pre-tokenized pairs (after a warm-up run), scores, details."""
+    encoded = scorer.tokenize(queries, passages)
+    scorer.score_encoded(encoded)  # warm-up: kernels and shapes
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    scores = scorer.score_encoded(encoded)
+    torch.cuda.synchronize()
+    details = {
+        "max_batch_tokens": scorer.max_batch_tokens,
+        "mean_tokens_per_pair": round(float(encoded.lengths.mean()), 1),
+        "pinned_copies": scorer._pin_memory,
+    }
+    return time.perf_counter() - started, scores, details
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=200_000)
@@ -48,23 +67,18 @@ def main() -> None:
         model_dir = tinybert_shaped(Path(workdir))
         reference = None
         for precision in ("fp32", "fp16", "bf16"):
-            settings = ModelSettings(model=str(model_dir), device="cuda", precision=precision)
-            scorer = CrossEncoderModel(settings)
-            encoded = scorer.tokenize(queries, passages)
-            scorer.score_encoded(encoded)  # warm-up: kernels and shapes
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            scores = scorer.score_encoded(encoded)
-            torch.cuda.synchronize()
-            seconds = time.perf_counter() - started
-            reference = scores if reference is None else reference
-            report[precision] = {
-                "forward_pairs_per_s": round(args.pairs / seconds),
-                "max_abs_diff_vs_fp32": float(np.max(np.abs(scores - reference))),
-                "max_batch_tokens": scorer.max_batch_tokens,
-                "mean_tokens_per_pair": round(float(encoded.lengths.mean()), 1),
-                "pinned_copies": scorer._pin_memory,
-            }
+            for cls_only in (True, False):
+                settings = ModelSettings(
+                    model=str(model_dir), device="cuda", precision=precision, cls_only_last_layer=cls_only
+                )
+                seconds, scores, details = time_scoring(CrossEncoderModel(settings), queries, passages)
+                reference = scores if reference is None else reference
+                key = precision if cls_only else f"{precision}_full_forward"
+                report[key] = {
+                    "forward_pairs_per_s": round(args.pairs / seconds),
+                    "max_abs_diff_vs_fp32": float(np.max(np.abs(scores - reference))),
+                    **details,
+                }
     print(json.dumps(report, indent=2))
 
 

@@ -41,6 +41,7 @@ from jobs.scoring import (
     ScoreUnits,
     alive_node_resources,
     commit_units,
+    object_store_budget,
     plan_actor_pool,
     rank_group,
     tokenize_units,
@@ -203,9 +204,13 @@ def score_units(
     """
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
-    ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
     pool = plan_actor_pool(alive_node_resources(), settings.job, settings.model.torch_threads)
-    logger.info("actor pool: %s", pool)
+    context = ray.data.DataContext.get_current()
+    context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
+    budget = object_store_budget(pool, settings.job)
+    limits = context.execution_options.resource_limits
+    context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
+    logger.info("actor pool: %s, object store budget %d MiB", pool, budget // 2**20)
     bad_files: dict[str, str] = {}
     timings: list[dict[str, float]] = []
     for done, row in enumerate(build_pipeline(units, plan, settings, pool, destination).iter_rows(), 1):

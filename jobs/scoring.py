@@ -29,6 +29,9 @@ from reranker.settings import JobSettings, ModelSettings
 from reranker.tokenizer import EncodedPairs, PairTokenizer
 
 MAX_CPUS_PER_ACTOR = 4.0
+# In flight per row, measured on MS MARCO text: ~0.45 KiB of text (it travels twice), ~0.8 KiB of tokens.
+UNIT_BYTES_PER_ROW = 2048
+MIN_OBJECT_STORE_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,18 @@ def plan_actor_pool(
         torch_threads or threads,
         _tokenize_slots(nodes, num_actors * cpus, settings.io_cpus),
     )
+
+
+def object_store_budget(pool: ActorPoolPlan, settings: JobSettings) -> int:
+    """Bytes of object store the job's units in flight may take (Ray Data's default: half the store).
+
+    Two units per tokenize task and per actor keep every stage fed; more only queues tokenized units
+    ahead of the actors, which costs memory and buys no speed.
+    """
+    if settings.object_store_mib is not None:
+        return settings.object_store_mib * 2**20
+    slots = pool.num_actors + pool.tokenize_tasks
+    return max(MIN_OBJECT_STORE_BYTES, 2 * slots * settings.rows_per_unit * UNIT_BYTES_PER_ROW)
 
 
 def _tokenize_slots(nodes: Sequence[Mapping[str, float]], actor_cpus: float, io_cpus: float) -> int:

@@ -130,6 +130,12 @@ class JobSettings(SettingsSection):
     io_cpus: float = Field(
         1.0, gt=0, description="CPUs per read/write task, left unreserved by actors on each node."
     )
+    object_store_mib: int | None = Field(
+        None,
+        ge=64,
+        description="Object-store MiB the job may fill with units in flight (auto: 2 units per "
+        "actor and tokenize task, at least 512).",
+    )
     overwrite: bool = Field(False, description="Replace an existing, non-empty output.")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (JSON), e.g. endpoint_url for S3."

@@ -23,6 +23,8 @@ from reranker.types import TruncationSide
 
 logger = logging.getLogger(__name__)
 
+_CHUNK_PAIRS = 4096  # tokenizer output held at once: ~60 MB of per-pair objects, not ~15 KB x every pair
+
 
 @dataclass(frozen=True)
 class EncodedPairs:
@@ -100,10 +102,22 @@ class PairTokenizer:
             try:
                 if max_passage_tokens is not None:
                     passages = self._cut_passages(passages, max_passage_tokens)
-                rows = self._encode(list(queries), list(passages), limit, truncation_side)
+                queries, passages = list(queries), list(passages)
+                chunks = [  # the tokenizer's per-pair objects live for one chunk at a time
+                    self._encode_flat(
+                        queries[i : i + _CHUNK_PAIRS], passages[i : i + _CHUNK_PAIRS], limit, truncation_side
+                    )
+                    for i in range(0, len(queries), _CHUNK_PAIRS)
+                ]
             finally:
                 self.tokenizer.truncation_side = default_side
-        return _flat_pairs(*rows)
+        return _concatenate(chunks, self.uses_token_types)
+
+    def _encode_flat(
+        self, queries: list[str], passages: list[str], limit: int, side: TruncationSide
+    ) -> EncodedPairs:
+        """One chunk of pairs as flat arrays."""
+        return _flat_pairs(*self._encode(queries, passages, limit, side))
 
     def _encode(
         self, queries: list[str], passages: list[str], limit: int, side: TruncationSide
@@ -189,6 +203,19 @@ def _flat_pairs(
     total = int(offsets[-1])
     types = None if token_types is None else _flatten(token_types, total)
     return EncodedPairs(_flatten(ids, total), offsets, types, truncated)
+
+
+def _concatenate(chunks: list[EncodedPairs], with_token_types: bool) -> EncodedPairs:
+    if len(chunks) == 1:
+        return chunks[0]
+    lengths = np.concatenate([np.zeros(1, np.int64), *(chunk.lengths for chunk in chunks)])
+    empty = np.empty(0, np.int32)
+    return EncodedPairs(
+        np.concatenate([empty, *(chunk.input_ids for chunk in chunks)]),
+        np.cumsum(lengths),
+        np.concatenate([empty, *(chunk.token_type_ids for chunk in chunks)]) if with_token_types else None,
+        np.concatenate([np.empty(0, bool), *(chunk.truncated for chunk in chunks)]),
+    )
 
 
 def _flatten(rows: list[list[int]], total: int) -> np.ndarray:

@@ -71,3 +71,16 @@ def test_a_backend_that_disagrees_is_not_used(tiny_model_dir, monkeypatch, caplo
     assert tokenizer._backend is None
     assert "through the wrapper" in caplog.text
     assert tokenizer.tokenize(["q"], ["x"]).pair_ids()[0][-1] == tokenizer.tokenizer.sep_token_id
+
+
+def test_chunked_tokenization_equals_one_pass(tiny_model_dir, monkeypatch):
+    """Pairs tokenized in chunks (to bound memory) come out as one pass would give them."""
+    from reranker import tokenizer as module
+
+    tokenizer = PairTokenizer(ModelSettings(model=str(tiny_model_dir)))
+    queries, passages = QUERIES * 3, PASSAGES[::-1] * 3
+    whole = tokenizer.tokenize(queries, passages)
+    monkeypatch.setattr(module, "_CHUNK_PAIRS", 5)
+    assert_same(tokenizer.tokenize(queries, passages), whole)
+    empty = tokenizer.tokenize([], [])
+    assert (len(empty), empty.input_ids.size, empty.token_type_ids.size) == (0, 0, 0)

@@ -117,6 +117,20 @@ def test_two_core_machine_tokenizes_beside_its_one_actor():
     assert plan_actor_pool([{"CPU": 2.0}], RescoreSettings.load().job).tokenize_tasks == 1
 
 
+def test_object_store_budget_holds_two_units_per_stage_slot():
+    """Units in flight are bounded by two per actor and tokenize task, not by the input's size."""
+    from jobs.scoring import MIN_OBJECT_STORE_BYTES, UNIT_BYTES_PER_ROW, object_store_budget
+
+    job = RescoreSettings.load().job
+    laptop = plan_actor_pool([{"CPU": 2.0}], job)
+    assert object_store_budget(laptop, job) == MIN_OBJECT_STORE_BYTES
+    gpu_node = plan_actor_pool([{"CPU": 96.0, "GPU": 8.0}], job)
+    expected = 2 * (8 + 88) * job.rows_per_unit * UNIT_BYTES_PER_ROW
+    assert object_store_budget(gpu_node, job) == expected
+    explicit = RescoreSettings.load(object_store_mib=300).job
+    assert object_store_budget(gpu_node, explicit) == 300 * 2**20
+
+
 def stages(plan) -> list[tuple[str, dict, object]]:
     """(name, remote args, compute) of each operator of the job's pipeline, first to last."""
     from jobs.rescore import build_pipeline
