@@ -4,8 +4,8 @@ A sequence classifier reads only the [CLS] token of the last encoder layer. That
 keys and values from every token, but not their projections: with q the [CLS] query,
 q.k_j and sum_j p_j v_j are rewritten as products with the layer's input (see ``_cls_attention``). The
 rest (attention output, feed-forward block, layer norms) matters only at [CLS]. The same function,
-reassociated, so logits agree to float rounding (~1e-7 in fp32): TinyBERT-L2 (2 layers) needs about half the FLOPs (~44 instead of
-~85 MFLOP per 96-token pair); a 6-layer MiniLM about 14% fewer.
+reassociated, so logits agree to float rounding (~1e-7 in fp32). TinyBERT-L2 (2 layers) needs about
+half the FLOPs (~44 instead of ~85 MFLOP per 96-token pair); a 6-layer MiniLM about 14% fewer.
 
 Query, key and value projections are also fused into one matrix product per layer. Any model this
 module does not recognise keeps the Hugging Face forward (``build_cls_forward`` returns None).
