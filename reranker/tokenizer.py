@@ -103,21 +103,14 @@ class PairTokenizer:
                 if max_passage_tokens is not None:
                     passages = self._cut_passages(passages, max_passage_tokens)
                 queries, passages = list(queries), list(passages)
+                parts = (slice(i, i + _CHUNK_PAIRS) for i in range(0, len(queries), _CHUNK_PAIRS))
                 chunks = [  # the tokenizer's per-pair objects live for one chunk at a time
-                    self._encode_flat(
-                        queries[i : i + _CHUNK_PAIRS], passages[i : i + _CHUNK_PAIRS], limit, truncation_side
-                    )
-                    for i in range(0, len(queries), _CHUNK_PAIRS)
+                    _flat_pairs(*self._encode(queries[part], passages[part], limit, truncation_side))
+                    for part in parts
                 ]
             finally:
                 self.tokenizer.truncation_side = default_side
         return _concatenate(chunks, self.uses_token_types)
-
-    def _encode_flat(
-        self, queries: list[str], passages: list[str], limit: int, side: TruncationSide
-    ) -> EncodedPairs:
-        """One chunk of pairs as flat arrays."""
-        return _flat_pairs(*self._encode(queries, passages, limit, side))
 
     def _encode(
         self, queries: list[str], passages: list[str], limit: int, side: TruncationSide
@@ -125,6 +118,12 @@ class PairTokenizer:
         """Token ids, token type ids (if the model takes them) and truncated flags of each pair."""
         if self._backend is not None:
             return self._encode_direct(self._backend, queries, passages, limit, side)
+        return self._encode_wrapped(queries, passages, limit)
+
+    def _encode_wrapped(
+        self, queries: list[str], passages: list[str], limit: int
+    ) -> tuple[list[list[int]], list[list[int]] | None, np.ndarray]:
+        """``_encode`` through the Hugging Face wrapper (truncating at its ``truncation_side``)."""
         encoding = self.tokenizer(queries, passages, truncation="longest_first", max_length=limit)
         ids = encoding["input_ids"]
         if encoding.encodings is not None:
@@ -153,11 +152,10 @@ class PairTokenizer:
         if not self.tokenizer.is_fast:
             return None
         backend, default_side = self.tokenizer.backend_tokenizer, self.tokenizer.truncation_side
-        self._backend = None
         probes = ["What is a Café?", "q", "x"], ["Über " * 40 + "solar PANELS", "x y", "a\tb  c"]
         for side in ("right", "left"):
             self.tokenizer.truncation_side = side
-            wrapped = self._encode(*probes, limit=24, side=side)
+            wrapped = self._encode_wrapped(*probes, limit=24)
             direct = self._encode_direct(backend, *probes, limit=24, side=side)
             self.tokenizer.truncation_side = default_side
             if wrapped[:2] != direct[:2] or not np.array_equal(wrapped[2], direct[2]):
