@@ -108,9 +108,9 @@ def run_level(url: str, bodies: list[bytes], pairs_per_body: list[int], concurre
     }
 
 
-def start_server(model: str, url: str) -> subprocess.Popen[bytes]:
+def start_server(model: str, url: str, env_vars: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """`serve run configs/serve.yaml` in its own process, as users run it; wait for /health."""
-    env = {**os.environ, "RERANK_MODEL": model}
+    env = {**os.environ, "RERANK_MODEL": model, **(env_vars or {})}
     serve_cli = str(Path(sys.executable).with_name("serve"))
     process = subprocess.Popen(
         [serve_cli, "run", "configs/serve.yaml"],

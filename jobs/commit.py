@@ -17,14 +17,14 @@ import functools
 import json
 import logging
 import posixpath
-import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.retries import with_retries
 from jobs.storage import Location
 from reranker.errors import OutputError
 
@@ -35,53 +35,6 @@ SUCCESS_NAME = "_SUCCESS"
 SKIPPED_NAME = "_skipped_files.json"
 TMP_DIR = "_tmp"
 COUNTS_KEY = b"rerank.counts"
-STORAGE_ATTEMPTS = 5
-_TRANSIENT_MARKERS = (  # botocore/s3fs wording, and Arrow's S3 error names (as Ray Data retries them)
-    "slowdown",
-    "slow_down",
-    "network_connection",
-    "internal_failure",
-    "service_unavailable",
-    "slow down",
-    "503",
-    "500 internal",
-    "internalerror",
-    "requesttimeout",
-    "serviceunavailable",
-    "throttl",
-    "connection reset",
-    "connection aborted",
-    "timed out",
-    "temporarily unavailable",
-)
-T = TypeVar("T")
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for storage errors worth retrying (throttling, timeouts, dropped connections)."""
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    return any(marker in text for marker in _TRANSIENT_MARKERS)
-
-
-def with_retries(action: Callable[[], T], what: str, attempts: int = STORAGE_ATTEMPTS) -> T:
-    """Run a storage action, retrying transient errors with exponential backoff.
-
-    Raises:
-        Exception: The last error, or the first one that is not transient.
-
-    """
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except Exception as exc:
-            if attempt == attempts or not is_transient(exc):
-                raise
-            delay = min(0.5 * 2 ** (attempt - 1), 8.0)
-            logger.warning("%s: %s; retry %d/%d in %.1fs", what, exc, attempt, attempts - 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def commit_table(location: Location, name: str, table: pa.Table, counts: Mapping[str, int]) -> None:
@@ -162,13 +115,17 @@ def write_json(location: Location, name: str, value: Any) -> None:
 
 
 def read_json(location: Location, name: str) -> Any | None:
-    """A JSON file under ``location``, or None when absent."""
+    """A JSON file under ``location``, or None when absent (transient storage errors are retried)."""
     path = posixpath.join(location.path, name)
-    location.fs.invalidate_cache(location.path)
-    if not location.fs.exists(path):
-        return None
-    with location.fs.open(path, "rb") as handle:
-        return json.loads(handle.read())
+
+    def read() -> Any | None:
+        location.fs.invalidate_cache(location.path)
+        if not location.fs.exists(path):
+            return None
+        with location.fs.open(path, "rb") as handle:
+            return json.loads(handle.read())
+
+    return with_retries(read, f"reading {path}")
 
 
 def changed_fields(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

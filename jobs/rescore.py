@@ -37,6 +37,7 @@ from jobs.commit import (
     write_json,
 )
 from jobs.scoring import (
+    POSITION_COLUMN,
     ActorPoolPlan,
     ScoreUnits,
     alive_node_resources,
@@ -50,8 +51,14 @@ from jobs.scoring import (
 from jobs.storage import InputPlan, Location, count_rows, inspect_input, prepare_output, write_empty_output
 from jobs.units import WorkUnit, plan_units
 from reranker.errors import ConfigError, InputError, OutputError, RerankError
-from reranker.settings import JobSettings, RescoreSettings, add_settings_arguments, overrides_from_args
-from reranker.tokenizer import check_loadable
+from reranker.loading import check_loadable, model_version
+from reranker.settings import (
+    JobSettings,
+    ModelSettings,
+    RescoreSettings,
+    add_settings_arguments,
+    overrides_from_args,
+)
 
 logger = logging.getLogger("jobs.rescore")
 ROWS_PER_RANK_PARTITION = 100_000
@@ -95,8 +102,12 @@ def output_schema(input_schema: pa.Schema, job: JobSettings) -> pa.Schema:
     return schema.append(pa.field("rank", pa.int32())) if job.rank else schema
 
 
-def job_manifest(settings: RescoreSettings, plan: InputPlan) -> dict[str, Any]:
-    """Everything that decides the output's content; a rerun resumes only if it is unchanged."""
+def job_manifest(settings: RescoreSettings, plan: InputPlan, version: str) -> dict[str, Any]:
+    """Everything that decides the output's content; a rerun resumes only if it is unchanged.
+
+    ``version`` is what was actually loaded (``reranker.loading.model_version``): an unpinned hub
+    model whose ``main`` moved, or a directory with new weights, is a different job.
+    """
     model, job = settings.model, settings.job
     scoring = model.model_dump(include={"model", "revision", "precision", "max_length", "activation"})
     layout = job.model_dump(
@@ -110,7 +121,19 @@ def job_manifest(settings: RescoreSettings, plan: InputPlan) -> dict[str, Any]:
             "rows_per_unit",
         }
     )
-    return {**scoring, **layout, "input": plan.location.path, "input_files": plan.file_versions()}
+    return {
+        **scoring,
+        **layout,
+        "model_version": version,
+        "input": plan.location.path,
+        "input_files": plan.file_versions(),
+    }
+
+
+def pinned_model(model: ModelSettings, version: str) -> ModelSettings:
+    """The model settings the workers load: a hub model pinned to the commit the driver resolved."""
+    commit = version.removeprefix("hub:")
+    return model.model_copy(update={"revision": commit}) if version.startswith("hub:") else model
 
 
 def run(settings: RescoreSettings) -> JobSummary:
@@ -129,8 +152,9 @@ def run(settings: RescoreSettings) -> JobSummary:
         job.input, job.storage_options, _text_columns(job), _new_columns(job), job.on_bad_file == "skip"
     )
     check_loadable(settings.model)  # on the driver: a bad model is one line, not a worker traceback per actor
+    version = model_version(settings.model)
     output = prepare_output(job.output, job.storage_options, job.overwrite, resumable=[MANIFEST_NAME])
-    done = resume_or_start(output, job_manifest(settings, plan), job.output)
+    done = resume_or_start(output, job_manifest(settings, plan, version), job.output)
     if done is not None:
         logger.info("output %s is already complete; nothing to do", job.output)
         return JobSummary(
@@ -143,11 +167,12 @@ def run(settings: RescoreSettings) -> JobSummary:
     logger.info("%d units, %d already committed, %d to score", len(units), len(committed), len(todo))
     bad_files = dict(plan.skipped)
     if todo:
-        bad_files.update(score_units(todo, plan, settings, scored_at))
+        pinned = settings.model_copy(update={"model": pinned_model(settings.model, version)})
+        bad_files.update(score_units(todo, plan, pinned, scored_at))
     kept = [unit.name for unit in units if unit.path not in bad_files]
     remove_files(scored_at, [unit.name for unit in units if unit.path in bad_files])
     counts = committed_counts(scored_at, kept)
-    if not units:
+    if not kept:  # an empty input, or every unit turned out bad: one empty file with the full schema
         write_empty_output(output, output_schema(plan.schema, job))
     elif job.group_column:
         rank_scored(scored_at, kept, output, job, plan.num_rows)
@@ -266,6 +291,7 @@ def build_pipeline(
         fn_constructor_kwargs={
             "model_settings": settings.model.model_copy(update={"torch_threads": pool.torch_threads}),
             "score_column": job.score_column,
+            "position_column": POSITION_COLUMN if job.group_column else None,
         },
         batch_size=1,
         batch_format="pyarrow",
@@ -299,7 +325,12 @@ def rank_scored(
     scored = ray.data.read_parquet(paths, filesystem=scored_at.arrow_filesystem(), num_cpus=job.io_cpus)
     ranked = scored.groupby(job.group_column, num_partitions=rank_partitions(num_rows)).map_groups(
         rank_group,  # type: ignore[arg-type]  # its extra parameters are bound by fn_kwargs
-        fn_kwargs={"score_column": job.score_column, "add_rank": job.rank, "top_k": job.top_k},
+        fn_kwargs={
+            "score_column": job.score_column,
+            "position_column": POSITION_COLUMN,
+            "add_rank": job.rank,
+            "top_k": job.top_k,
+        },
         batch_format="pyarrow",
         num_cpus=job.io_cpus,
     )
@@ -346,11 +377,11 @@ def finish(
         pairs_scored_this_run=scored_now,
         wall_seconds=time.perf_counter() - started,
     )
-    write_json(output, SUCCESS_NAME, dataclasses.asdict(summary))
-    for name in (TMP_DIR, SCORED_DIR, RANKING_DIR):
+    for name in (TMP_DIR, SCORED_DIR, RANKING_DIR):  # first: a crash before _SUCCESS leaves no copy behind
         working = output.child(name)
         if working.fs.exists(working.path):
             working.fs.rm(working.path, recursive=True)
+    write_json(output, SUCCESS_NAME, dataclasses.asdict(summary))
     return summary
 
 
@@ -367,7 +398,11 @@ def _text_columns(job: JobSettings) -> list[str]:
 
 
 def _new_columns(job: JobSettings) -> list[str]:
-    return [job.score_column, *(["rank"] if job.rank else [])]
+    return [
+        job.score_column,
+        *(["rank"] if job.rank else []),
+        *([POSITION_COLUMN] if job.group_column else []),
+    ]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from jobs.commit import commit_table, is_transient, with_retries
+from jobs.commit import commit_table
+from jobs.retries import is_transient, with_retries
 from jobs.storage import Location
 from jobs.units import WorkUnit, read_unit
 from reranker.settings import JobSettings, ModelSettings
@@ -32,6 +33,8 @@ MAX_CPUS_PER_ACTOR = 4.0
 # In flight per row, measured on MS MARCO text: ~0.45 KiB of text (it travels twice), ~0.8 KiB of tokens.
 UNIT_BYTES_PER_ROW = 2048
 MIN_OBJECT_STORE_BYTES = 512 * 2**20
+POSITION_COLUMN = "__rerank_position__"  # a ranked job's tie-breaker: the row's place in the input
+_ROWS_PER_FILE_BITS = 40  # position = file index * 2**40 + row in the file
 
 
 @dataclass(frozen=True)
@@ -190,11 +193,11 @@ def tokenize_table(
     )
     lengths = np.zeros(table.num_rows, dtype=np.int64)
     lengths[valid] = encoded.lengths
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]))  # int64: a unit may pass 2**31 tokens
     mask = pa.array(~valid)
-    columns = {"input_ids": pa.ListArray.from_arrays(offsets, pa.array(encoded.input_ids), mask=mask)}
+    columns = {"input_ids": pa.LargeListArray.from_arrays(offsets, pa.array(encoded.input_ids), mask=mask)}
     if encoded.token_type_ids is not None:
-        columns["token_type_ids"] = pa.ListArray.from_arrays(
+        columns["token_type_ids"] = pa.LargeListArray.from_arrays(
             offsets, pa.array(encoded.token_type_ids), mask=mask
         )
     truncated = np.zeros(table.num_rows, dtype=bool)
@@ -259,11 +262,14 @@ def _first_line(exc: BaseException) -> str:
 class ScoreUnits:
     """Ray Data callable class: loads the model once per actor, then scores tokenized units."""
 
-    def __init__(self, model_settings: ModelSettings, score_column: str) -> None:
+    def __init__(
+        self, model_settings: ModelSettings, score_column: str, position_column: str | None = None
+    ) -> None:
         from reranker.model import CrossEncoderModel  # torch only here: not on the driver or CPU tasks
 
         self.model = CrossEncoderModel(model_settings)
         self.score_column = score_column
+        self.position_column = position_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Append a float32 score column to each unit's rows (null where there was nothing to score)."""
@@ -279,6 +285,8 @@ class ScoreUnits:
         scores = np.zeros(table.num_rows, dtype=np.float32)
         scores[valid] = self.model.score_encoded(encoded)
         scored = table.append_column(self.score_column, pa.array(scores, pa.float32(), mask=~valid))
+        if self.position_column is not None:
+            scored = scored.append_column(self.position_column, input_positions(_unit(row)))
         counts = {
             "rows": table.num_rows,
             "scored": int(valid.sum()),
@@ -307,9 +315,22 @@ def commit_units(batch: pa.Table, destination: Location) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=COMMITTED_SCHEMA)
 
 
-def rank_group(group: pa.Table, score_column: str, add_rank: bool, top_k: int | None) -> pa.Table:
-    """Ray Data group function: one query's rows best first (null scores last), ranked, cut to k."""
-    ordered = group.sort_by([(score_column, "descending")])
+def input_positions(unit: WorkUnit) -> pa.Array:
+    """Each row's place in the whole input (file order, then row order), as int64."""
+    first = (unit.file_index << _ROWS_PER_FILE_BITS) + unit.row_start
+    return pa.array(np.arange(first, first + unit.num_rows, dtype=np.int64))
+
+
+def rank_group(
+    group: pa.Table, score_column: str, position_column: str, add_rank: bool, top_k: int | None
+) -> pa.Table:
+    """Ray Data group function: one query's rows best first (null scores last), ranked, cut to k.
+
+    Equal scores keep their input order (``position_column``, dropped from the result), so every
+    run, and the redo of a run, keeps and ranks the same rows.
+    """
+    ordered = group.sort_by([(score_column, "descending"), (position_column, "ascending")])
+    ordered = ordered.drop_columns([position_column])
     if top_k is not None:
         ordered = ordered.slice(0, top_k)
     if not add_rank:

@@ -18,11 +18,16 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from jobs.retries import is_transient, with_retries
 from reranker.errors import InputError, OutputError
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 _GLOB_CHARS = ("*", "?", "[")
 _TEXT_TYPES = (pa.string(), pa.large_string(), pa.string_view(), pa.null())
+
+
+class StorageUnavailableError(InputError):
+    """Storage kept failing with transient errors through every retry: an outage, not a bad file."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ class InputPlan:
 
     @property
     def schema(self) -> pa.Schema:
-        """Schema of the first file (all are checked to hold the needed columns)."""
+        """The schema of every file (``inspect_input`` refuses files whose schemas differ)."""
         return self.footers[0].schema
 
     @property
@@ -105,7 +110,8 @@ def find_input_files(uri: str, storage_options: dict[str, Any]) -> tuple[Locatio
     location = locate(uri, storage_options)
     fs, path = location.fs, location.path
     if any(char in path for char in _GLOB_CHARS):
-        files = [match for match in fs.glob(path) if fs.isfile(match)]
+        root = _glob_root(path)
+        files = [match for match in fs.glob(path) if _is_visible(match, root) and fs.isfile(match)]
         if not files:
             raise InputError(f"input path does not exist: no file matches {uri}")
     elif fs.isdir(path):
@@ -121,23 +127,47 @@ def find_input_files(uri: str, storage_options: dict[str, Any]) -> tuple[Locatio
 
 def _is_data_file(path: str, root: str) -> bool:
     """A Parquet file, not hidden (no ``_`` or ``.`` name) and not in a hidden directory under root."""
+    return _is_visible(path, root) and path.endswith(PARQUET_SUFFIXES)
+
+
+def _is_visible(path: str, root: str) -> bool:
+    """No ``_`` or ``.`` name (``_SUCCESS``, ``.crc``, ``_tmp/``) on the way from ``root`` to ``path``."""
     parts = posixpath.relpath(path, root).split("/")
-    return not any(part.startswith(("_", ".")) for part in parts) and parts[-1].endswith(PARQUET_SUFFIXES)
+    return not any(part.startswith(("_", ".")) for part in parts)
+
+
+def _glob_root(pattern: str) -> str:
+    """The directory part of a glob pattern before its first wildcard."""
+    literal = []
+    for part in pattern.split("/"):
+        if any(char in part for char in _GLOB_CHARS):
+            break
+        literal.append(part)
+    return "/".join(literal) or "/"
 
 
 def read_footer(fs: fsspec.AbstractFileSystem, path: str) -> Footer:
     """Schema, row count and row-group sizes of one Parquet file, from its footer alone.
 
+    Transient storage errors are retried.
+
     Raises:
         InputError: The file is unreadable or not valid Parquet; the message names it.
+        StorageUnavailableError: Storage still failed after every retry.
 
     """
-    try:
+
+    def read() -> Footer:
         with fs.open(path, "rb") as handle:
             metadata = pq.ParquetFile(handle).metadata
             groups = [metadata.row_group(index).num_rows for index in range(metadata.num_row_groups)]
             return Footer(metadata.schema.to_arrow_schema(), metadata.num_rows, groups)
+
+    try:
+        return with_retries(read, f"reading the footer of {path}")
     except (OSError, pa.ArrowException) as exc:
+        if is_transient(exc):
+            raise StorageUnavailableError(f"cannot read {path}: storage unavailable: {exc}") from exc
         raise InputError(f"cannot read Parquet file {path}: {exc}") from exc
 
 
@@ -147,6 +177,8 @@ def read_footers(location: Location, files: Sequence[str]) -> list[Footer | Inpu
     def footer_or_error(path: str) -> Footer | InputError:
         try:
             return read_footer(location.fs, path)
+        except StorageUnavailableError:
+            raise
         except InputError as exc:
             return exc
 
@@ -205,11 +237,37 @@ def inspect_input(
             continue
         check_text_columns(footer.schema, text_columns, path)
         check_absent_columns(footer.schema, new_columns, path)
+        if footers:
+            check_same_schema(footers[0].schema, kept[0], footer.schema, path)
         kept.append(path)
         footers.append(footer)
     if not kept:
         raise InputError(f"no readable Parquet file in {uri} ({len(skipped)} bad)")
     return InputPlan(location, kept, footers, skipped)
+
+
+def check_same_schema(first: pa.Schema, first_path: str, other: pa.Schema, other_path: str) -> None:
+    """Fail unless two input files have the same columns, types and order, naming both files."""
+    if other.remove_metadata().equals(first.remove_metadata()):
+        return
+    difference = _first_difference(first, other)
+    raise InputError(
+        f"input files have different schemas: {difference} in {other_path} vs {first_path}; "
+        "rescore them as separate jobs or rewrite them to one schema"
+    )
+
+
+def _first_difference(first: pa.Schema, other: pa.Schema) -> str:
+    for name in first.names:
+        if name not in other.names:
+            return f"column {name!r} missing"
+    for name in other.names:
+        if name not in first.names:
+            return f"extra column {name!r}"
+    for name in first.names:
+        if first.field(name).type != other.field(name).type:
+            return f"column {name!r} is {other.field(name).type}, not {first.field(name).type}"
+    return f"columns in another order ({', '.join(other.names)})"
 
 
 def prepare_output(

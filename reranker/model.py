@@ -23,14 +23,9 @@ from transformers import (
 from reranker.batching import pad_batch, plan_batches
 from reranker.cls_forward import build_cls_forward
 from reranker.errors import ConfigError, ModelLoadError
+from reranker.loading import check_labels, hub_options, load_failure_message, untrained_weights_message
 from reranker.settings import ModelSettings
-from reranker.tokenizer import (
-    EncodedPairs,
-    PairTokenizer,
-    _check_labels,
-    _hub_options,
-    _load_failure_message,
-)
+from reranker.tokenizer import EncodedPairs, PairTokenizer
 from reranker.types import Activation, TruncationSide
 
 logger = logging.getLogger(__name__)
@@ -241,11 +236,14 @@ def _relevance_logit(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _load_weights(settings: ModelSettings, dtype: torch.dtype) -> Any:
+    """The weights, refusing a checkpoint that lacks any of them (transformers would fill in random ones)."""
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            settings.model, dtype=dtype, **_hub_options(settings)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            settings.model, dtype=dtype, output_loading_info=True, **hub_options(settings)
         )
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(_load_failure_message(settings.model, exc)) from exc
-    _check_labels(settings.model, model.config.num_labels)
+        raise ModelLoadError(load_failure_message(settings.model, exc)) from exc
+    check_labels(settings.model, model.config.num_labels)
+    if info["missing_keys"]:
+        raise ModelLoadError(untrained_weights_message(settings.model, set(info["missing_keys"])))
     return model

@@ -90,7 +90,8 @@ class ModelSettings(SettingsSection):
     )
     max_length: int = Field(512, ge=8, description="Max tokens per pair, capped by the model.")
     activation: Activation = Field(
-        "none", description="Scores as raw logits (none) or sigmoid (the service picks per request)."
+        "none",
+        description="Job scores: raw logits (none) or sigmoid. Not for the service (its APIs define theirs).",
     )
     max_batch_tokens: int | None = Field(
         None, ge=64, description="Padded-token budget per forward pass (auto: CPU 4096, GPU 65536)."
@@ -161,6 +162,9 @@ class ServingSettings(SettingsSection):
     )
     max_pending_pairs: int = Field(8192, ge=1, description="Queue bound per replica; past it: 503.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds on 503 overload answers.")
+    health_probe_interval_s: float = Field(
+        10.0, gt=0, description="Health checks probe the model at most this often (a scored batch counts)."
+    )
 
 
 class ComposedSettings(BaseModel):
@@ -194,12 +198,14 @@ class ComposedSettings(BaseModel):
         unknown = sorted(set(layered) - known) + sorted(set(overrides) - known)
         if unknown:
             raise ConfigError(f"unknown setting(s) {', '.join(unknown)} (in {path or 'the given values'})")
-        return cls(
-            **{
-                name: section.load(_pick(layered, section), **_pick(overrides, section))
-                for name, section in sections.items()
-            }
-        )
+        loaded = {
+            name: section.load(_pick(layered, section), **_pick(overrides, section))
+            for name, section in sections.items()
+        }
+        try:
+            return cls(**loaded)
+        except pydantic.ValidationError as exc:
+            raise ConfigError(_describe_validation_error(exc)) from None
 
 
 def _pick(values: Mapping[str, Any], section: type[SettingsSection]) -> dict[str, Any]:
@@ -227,6 +233,15 @@ class ServeSettings(ComposedSettings):
 
     model: ModelSettings
     serving: ServingSettings
+
+    @model_validator(mode="after")
+    def _no_model_activation(self) -> Self:
+        if self.model.activation != "none":
+            raise ValueError(
+                "activation: not a service setting; each API defines its scores (/v1/rerank: sigmoid "
+                "relevance; /rerank and /score: raw_scores per request), so leave it unset"
+            )
+        return self
 
     @property
     def served_model_name(self) -> str:

@@ -1,23 +1,22 @@
-"""The model's tokenizer, and the check that a model can be loaded, without torch.
+"""The model's tokenizer alone, without torch: what a CPU tokenization stage loads.
 
-A tokenization stage and a job's driver import only this (``reranker.model`` adds the weights).
+``reranker.model`` adds the weights; ``reranker.loading`` checks a model before anything loads.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from reranker.errors import ModelLoadError
+from reranker.loading import hub_options, load_failure_message
 from reranker.settings import ModelSettings
 from reranker.types import TruncationSide
 
@@ -65,12 +64,12 @@ class PairTokenizer:
             ModelLoadError: The tokenizer or config can't be found or read.
 
         """
-        options = _hub_options(settings)
+        options = hub_options(settings)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(settings.model, **options)
             config = config or AutoConfig.from_pretrained(settings.model, **options)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(_load_failure_message(settings.model, exc)) from exc
+            raise ModelLoadError(load_failure_message(settings.model, exc)) from exc
         self.max_length = _effective_max_length(settings.max_length, self.tokenizer, config)
         self.uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
         self.pad_id = self.tokenizer.pad_token_id or 0
@@ -100,8 +99,8 @@ class PairTokenizer:
             default_side = self.tokenizer.truncation_side
             self.tokenizer.truncation_side = truncation_side
             try:
-                if max_passage_tokens is not None:
-                    passages = self._cut_passages(passages, max_passage_tokens)
+                if max_passage_tokens is not None:  # no passage keeps more than max_length tokens anyway
+                    passages = self._cut_passages(passages, min(max_passage_tokens, self.max_length))
                 queries, passages = list(queries), list(passages)
                 parts = (slice(i, i + _CHUNK_PAIRS) for i in range(0, len(queries), _CHUNK_PAIRS))
                 chunks = [  # the tokenizer's per-pair objects live for one chunk at a time
@@ -245,66 +244,3 @@ def _effective_max_length(requested: int, tokenizer: PreTrainedTokenizerBase, co
     if isinstance(tokenizer.model_max_length, int) and tokenizer.model_max_length < 1_000_000:
         limits.append(tokenizer.model_max_length)
     return min(limits)
-
-
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-
-
-def check_loadable(settings: ModelSettings) -> None:
-    """Fail fast, e.g. on a job's driver before any worker starts, if the model can't be loaded.
-
-    Reads the config and the tokenizer (small files) and checks that a local directory holds weights
-    and that the head has 1 or 2 labels; the weights themselves are left to the workers.
-
-    Raises:
-        ModelLoadError: Unknown id, no network, a directory without weights, or not a reranker head.
-    """
-    options = _hub_options(settings)
-    try:
-        with _hub_warnings_silenced():  # the one error below says it all, not a warning per retry
-            config = AutoConfig.from_pretrained(settings.model, **options)
-            AutoTokenizer.from_pretrained(settings.model, **options)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(_load_failure_message(settings.model, exc)) from exc
-    local = Path(settings.model)
-    if local.is_dir() and not any((local / name).is_file() for name in WEIGHT_FILES):
-        raise ModelLoadError(
-            f"cannot load model {settings.model!r}: the directory has no weights "
-            f"({', '.join(WEIGHT_FILES[::2])})"
-        )
-    _check_labels(settings.model, config.num_labels)
-
-
-@contextlib.contextmanager
-def _hub_warnings_silenced() -> Iterator[None]:
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        hub_logger.setLevel(level)
-
-
-def _check_labels(model: str, num_labels: int) -> None:
-    if num_labels not in (1, 2):
-        raise ModelLoadError(f"model {model!r} has {num_labels} labels; a reranker needs 1 (or 2)")
-
-
-def _hub_options(settings: ModelSettings) -> dict[str, Any]:
-    return {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
-
-
-def _load_failure_message(model: str, exc: Exception) -> str:
-    reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
-    return (
-        f"cannot load model {model!r}: {reason}. "
-        "If this machine has no network access, download the model where there is one "
-        f"(huggingface-cli download {model} --local-dir DIR), copy DIR here, and pass "
-        "--model DIR (or RERANK_MODEL=DIR)."
-    )

@@ -7,16 +7,19 @@ No ``from __future__ import annotations`` here: Serve pickles the app to its rep
 needs the annotations as objects there, not as strings to resolve against the module's globals.
 """
 
+import logging
 import secrets
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError as FastAPIValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.serve.exceptions import RayServeException
@@ -59,6 +62,25 @@ from serve.schemas import (
 )
 
 Body = TypeVar("Body", bound=RerankRequest | TEIRerankRequest | ScoreRequest)
+logger = logging.getLogger("ray.serve")
+REQUEST_ID_HEADER = "X-Request-Id"
+_DESCRIPTIONS = {
+    400: "The body is not valid JSON, or not a JSON object.",
+    401: "An API key is configured and the request lacks it (Authorization: Bearer KEY).",
+    404: "The request names a model this server does not serve.",
+    413: "The body exceeds max_body_bytes, or an input is too long and truncate is false.",
+    422: "A field breaks the schema or a limit (the message names it), or a text is blank.",
+    500: "An internal error; the message holds a request id to find the details in the server log.",
+    503: "Overloaded (queue full) or the model is not ready; retry after Retry-After seconds.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error statuses a route can return, all with the one error shape."""
+    return {status: {"model": ErrorResponse, "description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+RERANK_ERRORS = error_responses(400, 401, 404, 413, 422, 500, 503)
 
 
 @dataclass
@@ -152,11 +174,6 @@ def create_api() -> FastAPI:
         title="ray-rerank",
         version="0.1.0",
         description="Cross-encoder reranking on Ray Serve.",
-        responses={
-            400: {"model": ErrorResponse},
-            422: {"model": ErrorResponse},
-            503: {"model": ErrorResponse},
-        },
     )
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit)
@@ -165,18 +182,39 @@ def create_api() -> FastAPI:
     return app
 
 
-def _rerank_routes() -> APIRouter:
-    router = APIRouter()
+class GuardedRoute(APIRoute):
+    """A route whose unexpected errors become the generic 500 here, instead of propagating to the server.
 
-    @router.post("/v1/rerank", response_model=RerankResponse)
-    @router.post("/v2/rerank", response_model=RerankResponse)
+    Starlette's catch-all handler answers and then re-raises; the error is answered and logged once here.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """The route's handler, with unexpected exceptions answered by ``internal_error``."""
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (RerankError, StarletteHTTPException, FastAPIValidationError):
+                raise  # their own handlers answer them
+            except Exception as exc:
+                return internal_error(request, exc)
+
+        return guarded
+
+
+def _rerank_routes() -> APIRouter:
+    router = APIRouter(route_class=GuardedRoute)
+
+    @router.post("/v1/rerank", response_model=RerankResponse, responses=RERANK_ERRORS)
+    @router.post("/v2/rerank", response_model=RerankResponse, responses=RERANK_ERRORS)
     async def rerank_documents(
         body: Annotated[RerankRequest, Depends(rerank_body)], service: Service
     ) -> RerankResponse:
         """Cohere / Jina / vLLM rerank: sigmoid relevance, best first."""
         return await rerank_cohere(service, body)
 
-    @router.post("/rerank", response_model=RerankResponse | list[TEIRank])
+    @router.post("/rerank", response_model=RerankResponse | list[TEIRank], responses=RERANK_ERRORS)
     async def rerank_any(
         body: Annotated[RerankRequest | TEIRerankRequest, Depends(any_rerank_body)], service: Service
     ) -> RerankResponse | list[TEIRank]:
@@ -185,7 +223,7 @@ def _rerank_routes() -> APIRouter:
             return await rerank_tei(service, body)
         return await rerank_cohere(service, body)
 
-    @router.post("/score", response_model=ScoreResponse)
+    @router.post("/score", response_model=ScoreResponse, responses=RERANK_ERRORS)
     async def score_pairs(
         body: Annotated[ScoreRequest, Depends(score_body)], service: Service
     ) -> ScoreResponse:
@@ -250,18 +288,23 @@ async def rerank_tei(service: RerankService, body: TEIRerankRequest) -> list[TEI
 
 
 def _info_routes() -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=GuardedRoute)
 
-    @router.get("/health", response_model=Health)
+    @router.get("/health", response_model=Health, responses=error_responses(500, 503))
     async def health(service: Service) -> Health:
-        """200 when the model scores a probe pair, else 503."""
+        """200 when the model scored a batch or a probe within the health interval, else 503."""
         try:
             await service.engine.health_check()
-        except Exception as exc:
-            raise OverloadedError(f"model cannot score: {exc}") from exc
+        except RuntimeError as exc:
+            raise OverloadedError(str(exc)) from exc
         return Health()
 
-    @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_api_key)])
+    @router.get(
+        "/v1/models",
+        response_model=ModelList,
+        dependencies=[Depends(require_api_key)],
+        responses=error_responses(401, 500, 503),
+    )
     async def list_models(service: Service) -> ModelList:
         """OpenAI-style model list."""
         return ModelList(data=[ModelCard(id=service.settings.served_model_name, created=service.started)])
@@ -286,6 +329,8 @@ def _count_error(request: Request, error_type: str) -> None:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RerankError)
     async def on_domain_error(request: Request, exc: RerankError) -> JSONResponse:
+        if status_of(exc) == 500:  # e.g. a ConfigError: the server's fault, not the client's
+            return internal_error(request, exc)
         _count_error(request, exc.error_type)
         headers = None
         if isinstance(exc, OverloadedError):
@@ -307,8 +352,24 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        _count_error(request, "internal_error")
-        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+        return internal_error(request, exc)
+
+
+def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """500 with a request id and a generic message; the detail goes to the log under that id only."""
+    request_id = uuid.uuid4().hex
+    logger.error(
+        "internal error, request id %s, %s %s: %s: %s",
+        request_id,
+        request.method,
+        request.url.path,
+        type(exc).__name__,
+        exc,
+        exc_info=exc,
+    )
+    _count_error(request, "internal_error")
+    message = f"internal error; request id {request_id} (the server log has the details)"
+    return error_response(500, "internal_error", message, {REQUEST_ID_HEADER: request_id})
 
 
 def request_error(errors: list[Any]) -> RerankError:
@@ -326,7 +387,8 @@ def describe_errors(errors: list[Any]) -> str:
     parts = []
     for error in errors:
         path = [str(part) for part in error.get("loc", ()) if part != "body" and part not in UNION_TAGS]
-        parts.append(f"{'.'.join(path) or 'body'}: {error.get('msg', 'invalid')}")
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{'.'.join(path) or 'body'}: {message}")
     return "; ".join(parts)
 
 

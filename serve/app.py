@@ -1,12 +1,15 @@
 """The Ray Serve deployment: one model per replica behind the FastAPI routes.
 
-``serve run configs/serve.yaml`` imports ``serve.app:build_app`` with the config's ``args``.
+``serve run configs/serve.yaml`` imports ``serve.app:build_app`` with the config's ``args``. Settings
+are resolved in each replica, from its own environment (``RERANK_*`` in the pod, the node or
+``runtime_env.env_vars``) over the ``args``: what a replica enforces is what its environment says.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import ray
@@ -44,7 +47,24 @@ def build_service(settings: ServeSettings, threads: int, metrics: RerankMetrics 
     """Load and warm the model, and wrap it in the engine and the routes' service."""
     model = CrossEncoderModel(settings.model.model_copy(update={"torch_threads": threads}))
     model.score(["warm up"] * 8, ["the model before the first request"] * 8)
-    return RerankService(settings, RerankEngine(model, batching_config(settings), metrics), metrics)
+    engine = RerankEngine(
+        model, batching_config(settings), metrics, health_interval_s=settings.serving.health_probe_interval_s
+    )
+    return RerankService(settings, engine, metrics)
+
+
+def replica_service(args: Mapping[str, Any] | None, metrics: RerankMetrics | None) -> RerankService:
+    """The replica's service, its settings resolved in this process: ``RERANK_*`` env over ``args``."""
+    settings = ServeSettings.load(file_values=args)
+    threads = replica_threads(settings.model)
+    service = build_service(settings, threads, metrics)
+    logger.info(
+        "Reranker ready: %s, %d torch threads, API key %s",
+        settings.model.model,
+        threads,
+        "required" if settings.serving.api_key else "not set",
+    )
+    return service
 
 
 @serve.deployment(name="Reranker", ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
@@ -52,13 +72,14 @@ def build_service(settings: ServeSettings, threads: int, metrics: RerankMetrics 
 class Reranker:
     """Loads the model once, warms it up, and serves the rerank routes."""
 
-    def __init__(self, settings: ServeSettings) -> None:
-        threads = replica_threads(settings.model)
-        self.service = build_service(settings, threads, RerankMetrics())
-        logger.info("Reranker ready: %s, %d torch threads", settings.model.model, threads)
+    def __init__(self, args: Mapping[str, Any] | None = None) -> None:
+        """Resolve the settings here, in the replica (its env over ``args``), then load the model."""
+        self.service = replica_service(args, RerankMetrics())
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply batching settings from ``user_config`` without a redeploy.
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply batching settings from ``user_config`` without a redeploy, on the replica's event loop.
+
+        Async, so Serve runs it on the loop that serves requests: the change is atomic for them.
 
         Raises:
             ConfigError: An unknown key or invalid value (Serve then keeps the old config).
@@ -70,7 +91,16 @@ class Reranker:
         """Serve's health check: fails when the model can't score."""
         await self.service.engine.health_check()
 
+    def batching(self) -> dict[str, Any]:
+        """The batching settings in force (for operators, through a deployment handle)."""
+        return self.service.engine.batching.model_dump()
+
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Application builder for Serve config files; ``args`` sit below env vars in precedence."""
-    return Reranker.bind(ServeSettings.load(file_values=args))  # type: ignore[attr-defined]
+    """Application builder for Serve config files; ``args`` sit below each replica's env vars.
+
+    The args are checked here (a bad value fails ``serve run`` / ``serve deploy`` at once) and
+    resolved again in every replica, so a replica's own environment applies.
+    """
+    ServeSettings.load(file_values=args)
+    return Reranker.bind(dict(args))  # type: ignore[attr-defined]

@@ -50,7 +50,7 @@ STATUS_BY_ERROR: dict[type[RerankError], int] = {
     ModelNotFoundError: 404,
     PayloadTooLargeError: 413,
     RequestValidationError: 422,
-    ConfigError: 422,
+    ConfigError: 500,  # the server's configuration, not the request, is wrong
     OverloadedError: 503,
     ModelLoadError: 503,
 }

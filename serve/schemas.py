@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from reranker.types import TruncationSide
 
@@ -37,26 +37,59 @@ class RequestLimits:
             raise ValueError(f"{field}: has {count} items; the limit is {self.max_documents}")
 
 
-NonEmptyText = Annotated[str, Field(min_length=1)]
+MAX_TOKENS_PER_DOC = 1_000_000  # far past any model's max_length (what a document keeps at most)
+BLANK_HINT = "nothing to score (the offline job gives such a pair a null score)"
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError(f"is blank (empty or whitespace only): {BLANK_HINT}")
+    return text
+
+
+def check_not_blank(texts: Iterable[str], what: str) -> None:
+    """Raise ``ValueError`` naming the index of the first blank text.
+
+    The service refuses blank texts (422) where the job gives them a null score: one documented
+    answer per route, never a score for nothing.
+    """
+    for index, text in enumerate(texts):
+        if not text.strip():
+            raise ValueError(f"{what} {index} is blank (empty or whitespace only): {BLANK_HINT}")
+
+
+_NOT_BLANK_PATTERN = {"pattern": r"\S"}  # documented for clients and fuzzers; the validators enforce it
+NonBlankText = Annotated[
+    str, Field(min_length=1, json_schema_extra=_NOT_BLANK_PATTERN), AfterValidator(_not_blank)
+]
+DocumentText = Annotated[str, Field(json_schema_extra=_NOT_BLANK_PATTERN)]
 
 
 class TextDocument(BaseModel):
     """A document given as an object (Cohere v2 / Jina style)."""
 
     model_config = ConfigDict(extra="allow")
-    text: str
+    text: DocumentText
 
 
 class RerankRequest(BaseModel):
     """Cohere / Jina / vLLM ``/v1/rerank`` request."""
 
     model_config = ConfigDict(extra="ignore")
-    query: NonEmptyText
-    documents: Annotated[list[str | TextDocument], Field(min_length=1)]
+    query: NonBlankText
+    documents: Annotated[list[DocumentText | TextDocument], Field(min_length=1)]
     top_n: int | None = Field(None, ge=1)
     return_documents: bool = False
     model: str | None = None
-    max_tokens_per_doc: int | None = Field(None, ge=1, description="Cut each document to this many tokens.")
+    max_tokens_per_doc: int | None = Field(
+        None, ge=1, le=MAX_TOKENS_PER_DOC, description="Cut each document to this many tokens."
+    )
+
+    @field_validator("documents")
+    @classmethod
+    def _documents_not_blank(cls, documents: list[str | TextDocument]) -> list[str | TextDocument]:
+        check_not_blank((doc if isinstance(doc, str) else doc.text for doc in documents), "document")
+        return documents
 
     def texts(self) -> list[str]:
         """Document texts in request order."""
@@ -72,12 +105,18 @@ class TEIRerankRequest(BaseModel):
     """Hugging Face Text Embeddings Inference ``/rerank`` request."""
 
     model_config = ConfigDict(extra="ignore")
-    query: NonEmptyText
-    texts: Annotated[list[str], Field(min_length=1)]
+    query: NonBlankText
+    texts: Annotated[list[DocumentText], Field(min_length=1)]
     raw_scores: bool = False
     return_text: bool = False
     truncate: bool = True
     truncation_direction: TruncationSide = "right"
+
+    @field_validator("texts")
+    @classmethod
+    def _texts_not_blank(cls, texts: list[str]) -> list[str]:
+        check_not_blank(texts, "text")
+        return texts
 
     @field_validator("truncation_direction", mode="before")
     @classmethod
@@ -108,9 +147,16 @@ class ScoreRequest(BaseModel):
     """A batch of (query, passage) pairs to score in order."""
 
     model_config = ConfigDict(extra="ignore")
-    pairs: Annotated[list[tuple[str, str]], Field(min_length=1)]
+    pairs: Annotated[list[tuple[DocumentText, DocumentText]], Field(min_length=1)]
     raw_scores: bool = True
     model: str | None = None
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs_not_blank(cls, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        check_not_blank((query for query, _ in pairs), "the query of pair")
+        check_not_blank((passage for _, passage in pairs), "the passage of pair")
+        return pairs
 
     def check_limits(self, limits: RequestLimits) -> None:
         """Raise ``ValueError`` naming the field that breaks the deployment's limits."""

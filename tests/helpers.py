@@ -65,8 +65,24 @@ WORDS = [
 ]
 
 
+SPREAD_QUERY = "how do solar panels work"
+SPREAD_PASSAGES = [
+    "solar panels convert sunlight",
+    "bananas are yellow",
+    "the sun makes energy",
+    "python language",
+    "what causes seasons",
+    "water basil when dry",
+]
+MIN_SCORE_GAP = 1e-3  # 100x the loosest score tolerance the tests use (1e-5)
+
+
 def build_tiny_cross_encoder(directory: Path, num_labels: int = 1, max_position: int = 64) -> Path:
-    """Save a randomly initialised 1-layer BERT cross-encoder and its WordPiece tokenizer."""
+    """Save a randomly initialised 1-layer BERT cross-encoder and its WordPiece tokenizer.
+
+    Its weights are drawn wide enough (``initializer_range`` 0.2) that distinct pairs score far apart
+    (checked here), so a permutation of scores can never pass a test's equality check.
+    """
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
@@ -101,13 +117,29 @@ def build_tiny_cross_encoder(directory: Path, num_labels: int = 1, max_position:
         intermediate_size=64,
         max_position_embeddings=max_position,
         num_labels=num_labels,
+        initializer_range=0.2,
     )
     torch.manual_seed(0)
-    model = BertForSequenceClassification(config)
+    model = BertForSequenceClassification(config).eval()
+    _assert_scores_spread(model, tokenizer)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def _assert_scores_spread(model, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+    import torch
+
+    inputs = tokenizer(
+        [SPREAD_QUERY] * len(SPREAD_PASSAGES), SPREAD_PASSAGES, padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    scores = (logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]).numpy()
+    gap = float(np.min(np.diff(np.sort(scores))))
+    assert gap > MIN_SCORE_GAP, f"the tiny model's scores are too close to tell apart (min gap {gap:.2e})"
 
 
 def require(path: Path) -> Path:
@@ -130,3 +162,53 @@ def read_trec_tsv(path: Path):  # type: ignore[no-untyped-def]
         dtype={"qid": "int64", "pid": "int64", "query": str, "passage": str},
         keep_default_na=False,
     )
+
+
+def build_headless_checkpoint(directory: Path, kind: str) -> Path:
+    """A checkpoint with the tiny model's tokenizer but no classification head.
+
+    ``kind`` "bare-encoder" saves a ``BertModel``; "causal-lm" a small Qwen3 language model (as a
+    Qwen3-Reranker checkpoint is): transformers would give either a random head.
+    """
+    import shutil
+    import tempfile
+
+    from transformers import BertModel, Qwen3Config, Qwen3ForCausalLM
+
+    source = build_tiny_cross_encoder(Path(tempfile.mkdtemp()))
+    shutil.copytree(source, directory)
+    (directory / "model.safetensors").unlink()
+    if kind == "bare-encoder":
+        from transformers import AutoConfig
+
+        BertModel(AutoConfig.from_pretrained(source)).save_pretrained(directory)
+    else:
+        config = Qwen3Config(
+            vocab_size=256,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
+        Qwen3ForCausalLM(config).save_pretrained(directory)
+    shutil.rmtree(source)
+    return directory
+
+
+def fake_hub_cache(cache: Path, repo_id: str, model_dir: Path, commit: str) -> Path:
+    """Lay ``model_dir`` out as the hub cache holds ``repo_id`` at ``commit``, with ``main`` pointing there.
+
+    With ``HF_HUB_CACHE=cache`` and ``HF_HUB_OFFLINE=1``, loading ``repo_id`` reads these files: a hub
+    model whose ``main`` can be moved by calling this again with another commit.
+    """
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_dir, repo / "snapshots" / commit, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo

@@ -70,3 +70,32 @@ def in_app_loop(client: TestClient, work: Callable[[httpx.AsyncClient], Awaitabl
 
     assert client.portal is not None
     return client.portal.call(main)
+
+
+class InstrumentedModel:
+    """A loaded model whose ``tokenize`` and ``score`` (every engine batch and health probe) run a hook.
+
+    The hook sees each call's queries and passages before the real model does: it can block (to hold a
+    batch while others queue), raise (a request the model fails on), or just count.
+    """
+
+    def __init__(self, model: Any, hook: Callable[[list[str], list[str]], None] | None = None) -> None:
+        self._model = model
+        self.hook = hook
+        self.calls: list[tuple[str, int]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def tokenize(self, queries: Any, passages: Any, *args: Any, **kwargs: Any) -> Any:
+        self._before("tokenize", list(queries), list(passages))
+        return self._model.tokenize(queries, passages, *args, **kwargs)
+
+    def score(self, queries: Any, passages: Any, *args: Any, **kwargs: Any) -> Any:
+        self._before("score", list(queries), list(passages))
+        return self._model.score(queries, passages, *args, **kwargs)
+
+    def _before(self, method: str, queries: list[str], passages: list[str]) -> None:
+        self.calls.append((method, len(passages)))
+        if self.hook is not None:
+            self.hook(queries, passages)

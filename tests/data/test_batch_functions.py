@@ -6,9 +6,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.scoring import (
+    POSITION_COLUMN,
     ScoreUnits,
     commit_units,
+    encoded_from_table,
+    input_positions,
     rank_group,
+    tokenize_table,
     tokenize_units,
     unit_rows,
     valid_text_mask,
@@ -125,10 +129,61 @@ def test_read_unit_reads_exactly_its_rows(tmp_path):
 
 def test_rank_group_orders_ranks_and_cuts():
     """Best first, 1-based ranks, null scores last and unranked, top-k kept."""
-    group = pa.table({"qid": [7] * 4, "score": pa.array([0.1, None, 0.9, 0.5], pa.float32())})
-    ranked = rank_group(group, "score", add_rank=True, top_k=None)
+    group = pa.table(
+        {
+            "qid": [7] * 4,
+            "score": pa.array([0.1, None, 0.9, 0.5], pa.float32()),
+            POSITION_COLUMN: pa.array([0, 1, 2, 3], pa.int64()),
+        }
+    )
+    ranked = rank_group(group, "score", POSITION_COLUMN, add_rank=True, top_k=None)
     assert ranked.column("score").to_pylist()[:3] == pytest.approx([0.9, 0.5, 0.1])
     assert ranked.column("rank").to_pylist() == [1, 2, 3, None]
-    top = rank_group(group, "score", add_rank=False, top_k=2)
+    assert ranked.column_names == ["qid", "score", "rank"]  # the tie-breaker is not an output column
+    top = rank_group(group, "score", POSITION_COLUMN, add_rank=False, top_k=2)
     assert top.num_rows == 2 and "rank" not in top.column_names
     assert np.isclose(top.column("score").to_pylist(), [0.9, 0.5]).all()
+
+
+def test_rank_group_breaks_ties_by_input_position():
+    """Equal scores keep input order whatever order the shuffle delivered them in, so top-k is stable."""
+    rng = np.random.default_rng(7)
+    positions = rng.permutation(12)
+    group = pa.table(
+        {
+            "pid": pa.array(positions * 10),
+            "score": pa.array(np.where(positions < 6, 1.0, 0.5), pa.float32()),
+            POSITION_COLUMN: pa.array(positions, pa.int64()),
+        }
+    )
+    ranked = rank_group(group, "score", POSITION_COLUMN, add_rank=True, top_k=4)
+    assert ranked.column("pid").to_pylist() == [0, 10, 20, 30]
+    assert ranked.column("rank").to_pylist() == [1, 2, 3, 4]
+
+
+def test_input_positions_follow_file_then_row_order():
+    """A row's position sorts by input file, then by row within it, across units."""
+    first = input_positions(WorkUnit(0, "a", 0, 3)).to_pylist()
+    later = input_positions(WorkUnit(0, "a", 3, 5)).to_pylist()
+    next_file = input_positions(WorkUnit(1, "b", 0, 2)).to_pylist()
+    assert first + later + next_file == sorted(first + later + next_file)
+    assert len(set(first + later + next_file)) == 7
+
+
+def test_token_offsets_are_64_bit():
+    """Tokenized units carry int64 offsets: a unit can hold more than 2**31 tokens."""
+    from reranker.tokenizer import EncodedPairs
+
+    class Tokenizer:
+        def tokenize(self, queries, passages):
+            lengths = np.full(len(queries), 3)
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            ids = np.arange(offsets[-1], dtype=np.int32)
+            return EncodedPairs(ids, offsets, ids.copy(), np.zeros(len(queries), bool))
+
+    table = pa.table({"query": ["a", None, "c"], "passage": ["x", "y", "z"]})
+    tokens = tokenize_table(Tokenizer(), table, "query", "passage")  # type: ignore[arg-type]
+    assert tokens.schema.field("input_ids").type == pa.large_list(pa.int32())
+    assert tokens.schema.field("token_type_ids").type == pa.large_list(pa.int32())
+    encoded, valid = encoded_from_table(tokens)
+    assert valid.tolist() == [True, False, True] and encoded.pair_ids() == [[0, 1, 2], [3, 4, 5]]

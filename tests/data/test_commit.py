@@ -1,3 +1,4 @@
+import errno
 import json
 
 import pyarrow as pa
@@ -5,8 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from jobs import commit
-from jobs.commit import changed_fields, commit_table, committed_counts, is_transient, with_retries
+from jobs import retries
+from jobs.commit import changed_fields, commit_table, committed_counts, read_json, write_json
+from jobs.retries import is_transient, with_retries
 from jobs.storage import Location
 
 pytestmark = pytest.mark.data
@@ -28,13 +30,16 @@ class FlakyFileSystem(LocalFileSystem):
 
 
 @pytest.fixture(autouse=True)
-def no_backoff(monkeypatch):
-    monkeypatch.setattr(commit.time, "sleep", lambda seconds: None)
+def sleeps(monkeypatch):
+    """No real backoff in tests; the waits asked for are recorded."""
+    asked: list[float] = []
+    monkeypatch.setattr(retries.time, "sleep", asked.append)
+    return asked
 
 
 def test_commit_retries_transient_storage_errors(tmp_path):
     """Throttling and dropped connections are retried; the file lands once, complete, with its counts."""
-    fs = FlakyFileSystem(2, OSError("SlowDown: Please reduce your request rate (503)"))
+    fs = FlakyFileSystem(2, ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
     location = Location(fs, str(tmp_path))
     commit_table(location, "part-1.parquet", pa.table({"x": [1, 2]}), {"rows": 2})
     assert fs.opens == 3 and pq.read_table(tmp_path / "part-1.parquet").num_rows == 2
@@ -63,18 +68,82 @@ def test_retries_give_up_after_the_last_attempt():
     assert len(calls) == 3
 
 
+def client_error(code: str, status: int):
+    from botocore.exceptions import ClientError
+
+    return ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op"
+    )
+
+
+def s3fs_error(code: str, status: int) -> OSError:
+    """What s3fs raises for a botocore ClientError: its own OSError, caused by the ClientError."""
+    from s3fs.errors import translate_boto_error
+
+    return translate_boto_error(client_error(code, status))
+
+
+def wrapped(error: BaseException, outer: Exception) -> Exception:
+    try:
+        raise outer from error
+    except Exception as exc:
+        return exc
+
+
 @pytest.mark.parametrize(
     ("error", "transient"),
     [
         (TimeoutError("read timed out"), True),
-        (OSError("AWS Error SLOW_DOWN during GetObject"), True),
-        (OSError("Couldn't deserialize thrift: don't know what type"), False),
-        (FileNotFoundError("no such key"), False),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), True),
+        (OSError(errno.ETIMEDOUT, "timed out"), True),
+        (s3fs_error("SlowDown", 503), True),
+        (s3fs_error("InternalError", 500), True),
+        (client_error("RequestTimeout", 400), True),
+        (wrapped(client_error("Throttling", 400), OSError("listing failed")), True),
+        (s3fs_error("AccessDenied", 403), False),
+        (s3fs_error("NoSuchKey", 404), False),
+        (OSError("Couldn't deserialize thrift: corrupt page at offset 15030"), False),
+        (OSError("cannot read s3://b/run-2503/part.parquet: 503 bytes short"), False),
+        (OSError("request timed out (the words alone do not make it transient)"), False),
+        (FileNotFoundError(errno.ENOENT, "no such key"), False),
     ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value),
 )
-def test_is_transient(error, transient):
-    """Only throttling, timeouts, dropped connections and 5xx count as transient."""
+def test_is_transient_by_type_and_code_not_by_words(error, transient):
+    """Throttling, timeouts, dropped connections and 5xx by type or provider code; never by message text."""
     assert is_transient(error) is transient
+
+
+def test_backoff_is_jittered_and_capped(sleeps):
+    """The waits between attempts are random (full jitter) and within the exponential cap."""
+    for _ in range(20):
+        calls: list[int] = []
+
+        def fails_once(calls=calls) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise TimeoutError("read timed out")
+
+        with_retries(fails_once, "flaky read")
+    assert len(sleeps) == 20 and len(set(sleeps)) > 10
+    assert all(0 <= wait <= retries.BACKOFF_MULTIPLIER_S for wait in sleeps)
+
+
+def test_manifest_reads_are_retried(tmp_path):
+    """A dropped connection while reading the manifest is retried, not a failed job."""
+    write_json(Location(LocalFileSystem(), str(tmp_path)), "m.json", {"a": 1})
+
+    class FlakyReads(LocalFileSystem):
+        opens = 0
+
+        def _open(self, path, mode="rb", **kwargs):
+            FlakyReads.opens += 1
+            if FlakyReads.opens == 1:
+                raise ConnectionResetError(errno.ECONNRESET, "reset")
+            return super()._open(path, mode, **kwargs)
+
+    assert read_json(Location(FlakyReads(), str(tmp_path)), "m.json") == {"a": 1}
+    assert FlakyReads.opens == 2
 
 
 def test_changed_fields_name_settings_and_input_files():
@@ -96,3 +165,22 @@ def test_changed_fields_name_settings_and_input_files():
         "model ('a' -> 'b')",
     ]
     assert changed_fields(before, json.loads(json.dumps(before))) == []
+
+
+def test_working_directories_are_removed_before_success(tmp_path, monkeypatch):
+    """A crash while writing _SUCCESS leaves no hidden copy of the data (_scored/, _tmp/) behind."""
+    from jobs import rescore
+
+    for working in ("_scored", "_tmp", "_ranking"):
+        (tmp_path / working).mkdir()
+        (tmp_path / working / "part-00000-000000000000.parquet").write_bytes(b"scored rows")
+
+    def crash(location, name, value):
+        if name == rescore.SUCCESS_NAME:
+            raise KeyboardInterrupt("killed while writing _SUCCESS")
+        write_json(location, name, value)
+
+    monkeypatch.setattr(rescore, "write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        rescore.finish(Location(LocalFileSystem(), str(tmp_path)), {}, (0, 0, 0), {}, 0.0)
+    assert sorted(path.name for path in tmp_path.iterdir()) == []

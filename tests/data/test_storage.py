@@ -116,3 +116,84 @@ def test_empty_output_has_the_schema(tmp_path):
     write_empty_output(location, schema)
     footer = read_footer(location.fs, str(tmp_path / "out" / "part-00000.parquet"))
     assert footer.num_rows == 0 and footer.schema.equals(schema)
+
+
+def test_globs_skip_hidden_files_as_directory_listings_do(pairs_dir):
+    """`dir/*` leaves out _SUCCESS, .crc files and hidden directories, like a directory input."""
+    (pairs_dir / ".part-0.parquet.crc").write_bytes(b"crc")
+    write(pairs_dir / "_tmp" / "part-9.parquet", query=["q"], passage=["p"])
+    write(pairs_dir / ".hidden" / "part-8.parquet", query=["q"], passage=["p"])
+    _, files = find_input_files(str(pairs_dir / "*"), {})
+    assert [path.rsplit("/", 1)[-1] for path in files] == [
+        "part-0.parquet",
+        "part-1.parquet",
+        "part-2.parquet",
+    ]
+    _, nested = find_input_files(str(pairs_dir / "**" / "*.parquet"), {})
+    assert len(nested) == 3
+    plan = inspect_input(str(pairs_dir / "*"), {}, TEXT, ["score"])
+    assert plan.num_rows == 6
+
+
+@pytest.mark.parametrize(
+    ("columns", "words"),
+    [
+        ({"query": ["q"], "passage": ["p"], "qid": [1], "lang": ["en"]}, "extra column 'lang'"),
+        ({"query": ["q"], "passage": ["p"], "qid": ["1"]}, "column 'qid' is string, not int64"),
+        ({"qid": [1], "passage": ["p"], "query": ["q"]}, "another order"),
+    ],
+    ids=["extra-column", "other-type", "other-order"],
+)
+def test_files_with_different_schemas_are_refused_naming_both(tmp_path, columns, words):
+    """Input files must share one schema; a difference is one line naming it and both files."""
+    first = write(tmp_path / "in" / "a.parquet", query=["q"], passage=["p"], qid=[1])
+    other = write(tmp_path / "in" / "b.parquet", **columns)
+    with pytest.raises(InputError) as error:
+        inspect_input(str(tmp_path / "in"), {}, TEXT, ["score"])
+    message = str(error.value)
+    assert words in message and str(first) in message and str(other) in message
+    assert len(message.splitlines()) == 1
+
+
+def test_footer_reads_retry_transient_errors(tmp_path):
+    """A dropped connection while reading a footer on the driver is retried; the plan is complete."""
+    import errno
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    from jobs import retries
+
+    path = write(tmp_path / "a.parquet", query=["q"] * 3, passage=["p"] * 3)
+
+    class DropsFirstRead(LocalFileSystem):
+        opens = 0
+
+        def _open(self, name, mode="rb", **kwargs):
+            DropsFirstRead.opens += 1
+            if DropsFirstRead.opens == 1:
+                raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+            return super()._open(name, mode, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(retries.time, "sleep", lambda seconds: None)
+        footer = read_footer(DropsFirstRead(), str(path))
+    assert footer.num_rows == 3 and DropsFirstRead.opens == 2
+
+
+def test_a_storage_outage_is_not_a_bad_file(tmp_path):
+    """Storage that keeps failing transiently stops the job even with skip: it is not the file's fault."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from jobs import retries
+    from jobs.storage import Location, StorageUnavailableError, read_footers
+
+    path = write(tmp_path / "a.parquet", query=["q"], passage=["p"])
+
+    class Down(LocalFileSystem):
+        def _open(self, name, mode="rb", **kwargs):
+            raise TimeoutError("read timed out")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(retries.time, "sleep", lambda seconds: None)
+        with pytest.raises(StorageUnavailableError, match="storage unavailable"):
+            read_footers(Location(Down(), str(tmp_path)), [str(path)])

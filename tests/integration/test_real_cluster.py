@@ -22,11 +22,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from reranker.model import sigmoid
 from tests.helpers import REPO_ROOT
 from tests.integration.conftest import free_port
 from tests.integration.processes import stop_cluster
@@ -106,7 +108,7 @@ def wait_for_job(cluster: LocalCluster, job_id: str, timeout_s: float = 240) -> 
     return "TIMEOUT"
 
 
-def test_job_submit_and_serve_deploy_on_a_real_cluster(cluster, tmp_path, tiny_model_dir):
+def test_job_submit_and_serve_deploy_on_a_real_cluster(cluster, tmp_path, tiny_model_dir, tiny_model):
     """`ray job submit` of the job succeeds with every row scored; `serve deploy` answers /v1/rerank."""
     (tmp_path / "in").mkdir()
     for part in range(3):
@@ -134,7 +136,10 @@ def test_job_submit_and_serve_deploy_on_a_real_cluster(cluster, tmp_path, tiny_m
         "top_n": 1,
     }
     answer = post_json(f"http://127.0.0.1:{port}/v1/rerank", body)
-    assert [result["index"] for result in answer["results"]] in ([0], [1])
+    relevance = sigmoid(tiny_model.score([body["query"]] * 2, body["documents"]).scores)
+    best = int(np.argmax(relevance))
+    assert [result["index"] for result in answer["results"]] == [best]
+    assert answer["results"][0]["relevance_score"] == pytest.approx(float(relevance[best]), abs=1e-5)
     assert answer["model"] == str(tiny_model_dir) and answer["usage"]["total_tokens"] > 0
 
 

@@ -100,9 +100,12 @@ def test_empty_input_writes_empty_output_with_schema(tmp_path, capsys, tiny_mode
     assert result.schema.field("score").type == pa.float32()
 
 
-def test_rank_and_top_k_within_query(tmp_path, capsys, tiny_model_dir):
-    """--group-column with --rank --top-k keeps the k best rows per query, ranked 1..k by score."""
-    pq.write_table(pairs_table(copies=2), tmp_path / "in.parquet")
+def test_rank_and_top_k_within_query(tmp_path, capsys, tiny_model_dir, tiny_model):
+    """--group-column with --rank --top-k keeps exactly the k best rows per query, ranked 1..k by score;
+    equal scores (each pair appears twice) keep their input order."""
+    table = pairs_table(copies=2)
+    table = table.set_column(1, "pid", pa.array(range(table.num_rows)))  # pids in input order
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=6)  # 4 units: the shuffle may mix them
     code, _, _ = run_job(
         capsys,
         tiny_model_dir,
@@ -115,15 +118,20 @@ def test_rank_and_top_k_within_query(tmp_path, capsys, tiny_model_dir):
         "--rank",
         "--top-k",
         "3",
+        "--rows-per-unit",
+        "6",
     )
     assert code == 0
-    table = read_output(tmp_path / "out")
-    assert table.num_rows == 9
+    output = read_output(tmp_path / "out").to_pylist()
+    assert len(output) == 9
+    scores = tiny_model.score(table.column("query").to_pylist(), table.column("passage").to_pylist()).scores
     for qid in range(3):
-        rows = [r for r in table.to_pylist() if r["qid"] == qid]
-        ordered = sorted(rows, key=lambda r: r["rank"])
-        assert [r["rank"] for r in ordered] == [1, 2, 3]
-        assert [r["score"] for r in ordered] == sorted((r["score"] for r in rows), reverse=True)
+        rows = [i for i, q in enumerate(table.column("qid").to_pylist()) if q == qid]
+        best = sorted(rows, key=lambda i: (-scores[i], i))[:3]  # score, then input position
+        kept = sorted((r for r in output if r["qid"] == qid), key=lambda r: r["rank"])
+        assert [r["pid"] for r in kept] == best and [r["rank"] for r in kept] == [1, 2, 3]
+        np.testing.assert_allclose([r["score"] for r in kept], scores[best], atol=1e-6)
+    assert "__rerank_position__" not in pq.read_schema(next((tmp_path / "out").glob("*.parquet"))).names
 
 
 @pytest.mark.parametrize(
@@ -206,12 +214,12 @@ def test_s3_input_and_output(tmp_path, capsys, tiny_model_dir, s3_server):
     assert rows == 24 and "rows written 24" in out
 
 
-@pytest.mark.parametrize("problem", ["missing", "no-weights", "three-labels"])
+@pytest.mark.parametrize("problem", ["missing", "no-weights", "three-labels", "bare-encoder"])
 def test_unloadable_model_fails_on_the_driver(tmp_path, capsys, tiny_model_dir, problem):
     """A model that can't be loaded: exit 2, one line naming it, no worker traceback, nothing written."""
     import shutil
 
-    from tests.helpers import build_tiny_cross_encoder
+    from tests.helpers import build_headless_checkpoint, build_tiny_cross_encoder
 
     model = tmp_path / "model"
     if problem == "no-weights":
@@ -221,11 +229,74 @@ def test_unloadable_model_fails_on_the_driver(tmp_path, capsys, tiny_model_dir, 
     elif problem == "three-labels":
         build_tiny_cross_encoder(model, num_labels=3)
         capsys.readouterr()  # the builder's own progress output
+    elif problem == "bare-encoder":
+        build_headless_checkpoint(model, "bare-encoder")
+        capsys.readouterr()
     pq.write_table(pairs_table(), tmp_path / "in.parquet")
     code, _, err = run_job(
         capsys, model, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out")
     )
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert str(model) in err and "Traceback" not in err and not (tmp_path / "out").exists()
-    expected = {"missing": "--model DIR", "no-weights": "no weights", "three-labels": "3 labels"}[problem]
+    expected = {
+        "missing": "--model DIR",
+        "no-weights": "no weights",
+        "three-labels": "3 labels",
+        "bare-encoder": "classifier.weight",
+    }[problem]
     assert expected in err
+
+
+def test_a_resume_with_other_model_weights_is_refused(tmp_path, capsys, tiny_model_dir):
+    """The manifest records the model version loaded; new weights in the same directory are a new job."""
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    pq.write_table(pairs_table(), tmp_path / "in.parquet")
+    args = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out")]
+    assert run_job(capsys, model, *args)[0] == 0
+    manifest = json.loads((tmp_path / "out" / "_rescore_job.json").read_text())
+    assert manifest["model_version"].startswith("dir:")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # as a retrained checkpoint saved in place would be
+    code, _, err = run_job(capsys, model, *args)
+    assert (
+        code == 2 and "model_version" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    )
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["plain", "ranked"])
+def test_every_unit_bad_mid_run_ends_like_an_empty_input(tmp_path, capsys, tiny_model_dir, group):
+    """--on-bad-file skip with every file damaged behind a valid footer: one empty file with the full
+    schema, the report, exit 0."""
+    from tests.data.test_batch_functions import damage_data_page
+
+    (tmp_path / "in").mkdir()
+    for part in range(2):
+        path = tmp_path / "in" / f"part-{part}.parquet"
+        pq.write_table(pairs_table(copies=20), path, compression="snappy")
+        damage_data_page(path)
+    extra = ["--group-column", "qid", "--rank"] if group else []
+    code, out, err = run_job(
+        capsys,
+        tiny_model_dir,
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        "--on-bad-file",
+        "skip",
+        *extra,
+    )
+    assert code == 0, err
+    assert "rows written 0" in out and "bad files skipped 2" in out
+    result = pads.dataset(str(tmp_path / "out"), format="parquet")
+    expected = ["qid", "pid", "query", "passage", "lang", "score", *(["rank"] if group else [])]
+    assert result.count_rows() == 0 and result.schema.names == expected
+    report = json.loads((tmp_path / "out" / "_skipped_files.json").read_text())["skipped_files"]
+    assert len(report) == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("_")) == [
+        "_SUCCESS",
+        "_rescore_job.json",
+        "_skipped_files.json",
+    ]

@@ -5,6 +5,8 @@ running Serve shows.
 """
 
 import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -24,21 +26,34 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    """Serve on 127.0.0.1: the shipped builder with an API key, and a user_config, as a config file does."""
+def deploy(model_dir, user_config):
+    """The shipped deployment with args alone from the "config" and the API key only in the replica's env."""
     from ray import serve
 
-    from reranker.settings import ServeSettings
     from serve.app import Reranker
+
+    deployment = Reranker.options(
+        ray_actor_options={"num_cpus": 0.1, "runtime_env": {"env_vars": {"RERANK_API_KEY": "sekret"}}},
+        user_config=user_config,
+    )
+    serve.run(deployment.bind({"model": str(model_dir)}), name="rerank", route_prefix="/")
+
+
+def replica_batching():
+    """The batching settings in force in the replica, through a deployment handle."""
+    from ray import serve
+
+    return serve.get_deployment_handle("Reranker", app_name="rerank").batching.remote().result()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    """Serve on 127.0.0.1 with a user_config; the driver (this process) has no RERANK_* variables."""
+    from ray import serve
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = ServeSettings.load(file_values={"model": str(tiny_model_dir), "api_key": "sekret"})
-    deployment = Reranker.options(
-        ray_actor_options={"num_cpus": 0.1}, user_config={"max_batch_pairs": 2, "batch_wait_timeout_s": 0.01}
-    )
-    serve.run(deployment.bind(settings), name="rerank", route_prefix="/")
+    deploy(tiny_model_dir, {"max_batch_pairs": 8, "batch_wait_timeout_s": 0.01})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -60,8 +75,9 @@ def test_replica_serves_rerank_and_score(server, tiny_model):
     np.testing.assert_allclose(scores, expected, atol=1e-5)
 
 
-def test_api_key_and_open_health_through_serve(server):
-    """The replica's API key holds behind Serve's proxy; /health stays open."""
+def test_an_api_key_only_in_the_replicas_env_is_enforced(server):
+    """RERANK_API_KEY set only in the replica's env (as a pod's env is) holds behind Serve's proxy;
+    /health stays open."""
     body = {"query": QUERY, "documents": DOCS}
     assert post(server, "/v1/rerank", body, key=None).status_code == 401
     assert post(server, "/v1/rerank", body, key="wrong").json()["error"]["type"] == "authentication_error"
@@ -69,8 +85,39 @@ def test_api_key_and_open_health_through_serve(server):
 
 
 def test_user_config_reached_the_replica(server):
-    """A user_config of max_batch_pairs 2 still answers requests larger than a batch, in order."""
+    """The replica runs with the user_config's cap (8, not the default 1024) and answers larger requests."""
+    assert replica_batching()["max_batch_pairs"] == 8
     documents = DOCS * 5
     response = post(server, "/score", {"pairs": [[QUERY, d] for d in documents]})
     assert response.status_code == 200 and len(response.json()["scores"]) == 20
     assert response.json()["scores"][:4] == pytest.approx(response.json()["scores"][4:8], abs=1e-6)
+
+
+def test_lowering_the_cap_under_load_fails_no_request(server, tiny_model_dir, tiny_model):
+    """A new user_config (cap 8 -> 1) reaches a replica under concurrent load: every request is a 200
+    with the scores it gets alone."""
+    assert replica_batching()["max_batch_pairs"] == 8  # as the fixture deployed it
+    bodies = [[[f"{QUERY} {i}", d] for d in DOCS * 3] for i in range(6)]
+    expected = [tiny_model.score([q for q, _ in b], [p for _, p in b]).scores for b in bodies]
+    stop, answers = threading.Event(), []
+
+    def client(index: int) -> None:
+        while not stop.is_set():
+            response = post(server, "/score", {"pairs": bodies[index]})
+            answers.append((index, response.status_code, response.json()))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    deploy(tiny_model_dir, {"max_batch_pairs": 1, "batch_wait_timeout_s": 0.01})
+    changed_at = len(answers)
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert replica_batching()["max_batch_pairs"] == 1
+    assert len(answers) > changed_at > 0  # requests ran before and after the change
+    for index, status, payload in answers:
+        assert status == 200, payload
+        np.testing.assert_allclose(payload["scores"], expected[index], atol=1e-5)

@@ -84,3 +84,11 @@ def test_chunked_tokenization_equals_one_pass(tiny_model_dir, monkeypatch):
     assert_same(tokenizer.tokenize(queries, passages), whole)
     empty = tokenizer.tokenize([], [])
     assert (len(empty), empty.input_ids.size, empty.token_type_ids.size) == (0, 0, 0)
+
+
+def test_a_huge_passage_token_cap_is_no_cap(tiny_model_dir):
+    """max_passage_tokens far past max_length (a client may send any int) cuts nothing and never overflows."""
+    tokenizer = PairTokenizer(ModelSettings(model=str(tiny_model_dir)))
+    uncut = tokenizer.tokenize(QUERIES, PASSAGES)
+    for cap in (tokenizer.max_length, 2**40, 10**20):
+        assert_same(tokenizer.tokenize(QUERIES, PASSAGES, max_passage_tokens=cap), uncut)

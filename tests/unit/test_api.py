@@ -140,6 +140,8 @@ def test_health_models_and_openapi(app, tiny_model):
         ({"query": QUERY, "documents": ["x" * 2001]}, 422, "validation_error", ("documents", "2001 char")),
         ({"query": "q" * 2001, "documents": DOCS}, 422, "validation_error", ("query", "2001 characters")),
         ({"query": QUERY, "documents": DOCS, "top_n": 0}, 422, "validation_error", ("top_n",)),
+        ({"query": QUERY, "documents": DOCS, "max_tokens_per_doc": 10**20}, 422, "validation_error",
+         ("max_tokens_per_doc",)),
         ({"query": QUERY, "documents": []}, 422, "validation_error", ("documents",)),
         ({"query": QUERY, "documents": "not a list"}, 422, "validation_error", ("documents",)),
         ({"query": QUERY, "documents": [1, 2]}, 422, "validation_error", ("documents",)),
@@ -151,7 +153,8 @@ def test_health_models_and_openapi(app, tiny_model):
         (json.dumps({"query": QUERY, "documents": ["y" * 1000] * 70}), 413, "payload_too_large", ("bytes",)),
     ],
     ids=[
-        "too-many", "too-long", "query-too-long", "top_n", "empty", "docs-type", "doc-item-type",
+        "too-many", "too-long", "query-too-long", "top_n", "huge-max-tokens", "empty", "docs-type",
+        "doc-item-type",
         "no-query", "empty-query", "unknown-model", "invalid-json", "not-object", "body-too-large",
     ],
 )  # fmt: skip
@@ -294,3 +297,105 @@ def _same(left, right) -> bool:
     if isinstance(left, float):
         return abs(left - right) <= 1e-5
     return left == right
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        ("/v1/rerank", {"query": QUERY, "documents": ["solar", "   "]}, ("documents", "document 1 is blank")),
+        ("/v1/rerank", {"query": QUERY, "documents": [{"text": ""}, "x"]}, ("document 0 is blank",)),
+        ("/v1/rerank", {"query": " \t", "documents": DOCS}, ("query", "blank")),
+        ("/rerank", {"query": QUERY, "texts": ["sun", "solar", "\n"]}, ("texts", "text 2 is blank")),
+        ("/score", {"pairs": [[QUERY, "sun"], ["  ", "solar"]]}, ("pairs", "the query of pair 1 is blank")),
+        ("/score", {"pairs": [[QUERY, ""]]}, ("the passage of pair 0 is blank",)),
+    ],
+    ids=["cohere-doc", "cohere-object-doc", "cohere-query", "tei-text", "score-query", "score-passage"],
+)
+def test_blank_texts_are_refused_naming_their_index(app, path, body, words):
+    """Online, an empty or whitespace-only text is a 422 naming its index (offline it gets a null score)."""
+    assert_error(post(app, path, body), 422, "validation_error", *words)
+
+
+def raising_app(tiny_model, error: Exception):
+    """An app whose model raises ``error`` when it scores a passage containing "boom"."""
+    from tests.serve_helpers import InstrumentedModel
+
+    def hook(queries, passages):
+        if any("boom" in passage for passage in passages):
+            raise error
+
+    return serving(InstrumentedModel(tiny_model, hook))
+
+
+def test_internal_errors_give_a_request_id_not_details(tiny_model, caplog):
+    """A 500 says only "internal error" and a request id; the detail is logged under that id."""
+    detail = "tensor of shape [3, 4] at /srv/secret/weights.bin"
+    with raising_app(tiny_model, RuntimeError(detail)) as app, caplog.at_level("ERROR", logger="ray.serve"):
+        response = post(app, "/v1/rerank", {"query": QUERY, "documents": ["boom"]})
+        assert post(app, "/v1/rerank", {"query": QUERY, "documents": DOCS}).status_code == 200
+    assert_error(response, 500, "internal_error", "request id")
+    assert detail not in response.text and "RuntimeError" not in response.text
+    request_id = response.headers["X-Request-Id"]
+    assert request_id in response.json()["error"]["message"]
+    logged = [record.getMessage() for record in caplog.records if request_id in record.getMessage()]
+    assert logged and detail in logged[0]
+
+
+def test_a_config_error_reaching_a_request_is_a_500(tiny_model):
+    """The server's misconfiguration is not the client's fault: 500 in the generic shape, not 422."""
+    from reranker.errors import ConfigError
+
+    error = ConfigError("device: 'cuda:3' requested but CUDA is not available")
+    with raising_app(tiny_model, error) as app:
+        response = post(app, "/score", {"pairs": [[QUERY, "boom"]]})
+    assert_error(response, 500, "internal_error", "request id")
+    assert "cuda" not in response.text
+
+
+def test_health_is_cheap_under_many_calls(tiny_model):
+    """Many concurrent /health calls run at most one forward pass (a scored request counts as one)."""
+    from tests.serve_helpers import InstrumentedModel
+
+    counted = InstrumentedModel(tiny_model)
+    with serving(counted) as app:
+
+        async def hammer(client):
+            return await asyncio.gather(*(client.get("/health") for _ in range(40)))
+
+        assert {response.status_code for response in in_app_loop(app, hammer)} == {200}
+        assert len(counted.calls) == 1
+        assert post(app, "/v1/rerank", {"query": QUERY, "documents": DOCS}).status_code == 200
+        assert {response.status_code for response in in_app_loop(app, hammer)} == {200}
+        assert len(counted.calls) == 2  # the request's batch, no new probe
+
+
+def test_a_failing_health_probe_is_503(tiny_model):
+    """A model that cannot score makes /health a 503 in the error shape, with Retry-After."""
+    from tests.serve_helpers import InstrumentedModel
+
+    def broken(queries, passages):
+        raise RuntimeError("CUDA error: device lost")
+
+    with serving(InstrumentedModel(tiny_model, broken)) as app:
+        response = request(app, "GET", "/health")
+    assert_error(response, 503, "overloaded", "cannot score")
+    assert "Retry-After" in response.headers
+
+
+def test_openapi_declares_every_status_with_the_error_shape(app):
+    """Each route's OpenAPI entry lists every status it can answer, each with the error schema."""
+    spec = request(app, "GET", "/openapi.json").json()
+    error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    expected = {
+        ("/v1/rerank", "post"): {"200", "400", "401", "404", "413", "422", "500", "503"},
+        ("/v2/rerank", "post"): {"200", "400", "401", "404", "413", "422", "500", "503"},
+        ("/rerank", "post"): {"200", "400", "401", "404", "413", "422", "500", "503"},
+        ("/score", "post"): {"200", "400", "401", "404", "413", "422", "500", "503"},
+        ("/health", "get"): {"200", "500", "503"},
+        ("/v1/models", "get"): {"200", "401", "500", "503"},
+    }
+    for (path, method), statuses in expected.items():
+        responses = spec["paths"][path][method]["responses"]
+        assert set(responses) == statuses, (path, sorted(responses))
+        for status in statuses - {"200"}:
+            assert responses[status]["content"]["application/json"]["schema"] == error_ref, (path, status)

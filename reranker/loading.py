@@ -1,0 +1,200 @@
+"""Where a model comes from and whether it is a trained reranker, checked before any weights load.
+
+The driver of a job (or a service's build step) calls ``check_loadable`` and ``model_version``; the
+model class calls ``load_weights``. Each failure is one ``ModelLoadError`` line that names the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, AutoTokenizer
+
+from reranker.errors import ModelLoadError
+from reranker.settings import ModelSettings
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_SNAPSHOT = re.compile(r"snapshots/([0-9a-f]{40})/")
+
+
+def hub_options(settings: ModelSettings) -> dict[str, Any]:
+    """Keyword arguments for every ``from_pretrained`` call of this model."""
+    return {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
+
+
+def load_failure_message(model: str, exc: Exception) -> str:
+    """One line for a model that can't be found or read, with what to do offline."""
+    reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+    return (
+        f"cannot load model {model!r}: {reason}. "
+        "If this machine has no network access, download the model where there is one "
+        f"(huggingface-cli download {model} --local-dir DIR), copy DIR here, and pass "
+        "--model DIR (or RERANK_MODEL=DIR)."
+    )
+
+
+def check_labels(model: str, num_labels: int) -> None:
+    """Refuse a head that is not a relevance head (1 logit, or 2 labels read as log-odds).
+
+    Raises:
+        ModelLoadError: Any other number of labels.
+    """
+    if num_labels not in (1, 2):
+        raise ModelLoadError(f"model {model!r} has {num_labels} labels; a reranker needs 1 (or 2)")
+
+
+def untrained_weights_message(model: str, missing: set[str]) -> str:
+    """One line for a checkpoint that lacks weights the reranker needs (they would be random)."""
+    names = ", ".join(sorted(missing)[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+    return (
+        f"model {model!r} has no trained reranker head: {names} not in its checkpoint, so scores "
+        "would come from random weights (a bare encoder or a language model, not a cross-encoder?)"
+    )
+
+
+def check_loadable(settings: ModelSettings) -> None:
+    """Fail fast, e.g. on a job's driver before any worker starts, if the model can't be used.
+
+    Reads the config, the tokenizer and the checkpoint's tensor names (file headers, not weights):
+    a local directory must hold weights, the head must have 1 or 2 labels, and the checkpoint must
+    hold the classification head's weights.
+
+    Raises:
+        ModelLoadError: Unknown id, no network, no weights, not a reranker head, or an untrained head.
+    """
+    options = hub_options(settings)
+    try:
+        with _hub_warnings_silenced():  # the one error below says it all, not a warning per retry
+            config = AutoConfig.from_pretrained(settings.model, **options)
+            AutoTokenizer.from_pretrained(settings.model, **options)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(load_failure_message(settings.model, exc)) from exc
+    local = Path(settings.model)
+    if local.is_dir() and not any((local / name).is_file() for name in WEIGHT_FILES):
+        raise ModelLoadError(
+            f"cannot load model {settings.model!r}: the directory has no weights "
+            f"({', '.join(WEIGHT_FILES[::2])})"
+        )
+    check_labels(settings.model, config.num_labels)
+    present = checkpoint_tensor_names(settings)
+    if present is None:
+        logger.info("%s: checkpoint names not readable from headers; the head is checked at load", local)
+        return
+    missing = head_parameter_names(config, settings.trust_remote_code) - present
+    if missing:
+        raise ModelLoadError(untrained_weights_message(settings.model, missing))
+
+
+def head_parameter_names(config: Any, trust_remote_code: bool = False) -> set[str]:
+    """Parameter names of the classification head for ``config`` (the model built on the meta device)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    prefix = f"{model.base_model_prefix}."
+    return {name for name, _ in model.named_parameters() if not name.startswith(prefix)}
+
+
+def checkpoint_tensor_names(settings: ModelSettings) -> set[str] | None:
+    """Tensor names of the model's checkpoint from file headers, or None where that is not possible.
+
+    A local directory or a hub model already in the local cache is read from disk; otherwise the hub
+    serves safetensors headers alone. A hub model with only ``.bin`` weights and not cached gives None.
+    """
+    for name in WEIGHT_FILES:
+        path = _local_file(settings, name)
+        if path is not None:
+            return _names_in(path)
+    with contextlib.suppress(Exception):  # offline, private or .bin-only: leave it to the load check
+        from huggingface_hub import get_safetensors_metadata
+
+        metadata = get_safetensors_metadata(settings.model, revision=settings.revision)
+        return set(metadata.weight_map)
+    return None
+
+
+def _local_file(settings: ModelSettings, name: str) -> Path | None:
+    local = Path(settings.model)
+    if local.is_dir():
+        return local / name if (local / name).is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(settings.model, name, revision=settings.revision)
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _names_in(path: Path) -> set[str]:
+    if path.name.endswith(".index.json"):
+        return set(json.loads(path.read_text())["weight_map"])
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as handle:
+            return set(handle.keys())
+    import torch
+
+    return set(torch.load(path, map_location="meta", weights_only=True, mmap=True))
+
+
+def model_version(settings: ModelSettings) -> str:
+    """What exactly would be loaded: ``hub:<commit>`` for a hub model, ``dir:<digest>`` for a directory.
+
+    A directory's digest covers the name, size and modification time of each file in it, so new
+    weights (or config, or tokenizer) give a new version.
+
+    Raises:
+        ModelLoadError: The hub model's commit can't be resolved (offline and not cached).
+    """
+    local = Path(settings.model)
+    if local.is_dir():
+        files = sorted(path for path in local.iterdir() if path.is_file())
+        listing = [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in files]
+        return "dir:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    return f"hub:{resolved_commit(settings)}"
+
+
+def resolved_commit(settings: ModelSettings) -> str:
+    """The hub commit that ``settings.revision`` (default: main) points at now.
+
+    Raises:
+        ModelLoadError: It can't be resolved (offline and not cached, or unknown).
+    """
+    from huggingface_hub import hf_hub_download
+
+    if settings.revision and re.fullmatch(r"[0-9a-f]{40}", settings.revision):
+        return settings.revision
+    try:
+        with _hub_warnings_silenced():
+            path = hf_hub_download(settings.model, "config.json", revision=settings.revision)
+    except Exception as exc:
+        raise ModelLoadError(load_failure_message(settings.model, exc)) from exc
+    found = _SNAPSHOT.search(Path(path).as_posix())
+    if found is None:
+        raise ModelLoadError(f"cannot resolve the commit of model {settings.model!r} (cached at {path})")
+    return found.group(1)
+
+
+@contextlib.contextmanager
+def _hub_warnings_silenced() -> Iterator[None]:
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
