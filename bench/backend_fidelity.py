@@ -22,7 +22,6 @@ import torch
 from scipy.stats import spearmanr
 
 from reranker.model import CrossEncoderModel
-from reranker.settings import ModelSettings
 from tests.helpers import DL19_TSV, SHARED, read_trec_tsv
 
 MINILM = SHARED / "models" / "minilm-l6-lexical"
@@ -76,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     pairs = read_trec_tsv(DL19_TSV).head(args.pairs)
-    scorer = CrossEncoderModel(ModelSettings(model=args.model))
+    scorer = CrossEncoderModel(args.model)
     reference, fp32_rate = score_with(scorer, scorer.model, pairs)
     report: dict[str, Any] = {
         "model": args.model,

@@ -71,7 +71,9 @@ def main() -> None:
                 settings = ModelSettings(
                     model=str(model_dir), device="cuda", precision=precision, cls_only_last_layer=cls_only
                 )
-                seconds, scores, details = time_scoring(CrossEncoderModel(settings), queries, passages)
+                seconds, scores, details = time_scoring(
+                    CrossEncoderModel.from_settings(settings), queries, passages
+                )
                 reference = scores if reference is None else reference
                 key = precision if cls_only else f"{precision}_full_forward"
                 report[key] = {

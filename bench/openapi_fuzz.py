@@ -49,6 +49,8 @@ def fuzz(url: str, headers: list[str], max_time: int, report_dir: Path) -> dict:
         "--no-color",
         "--generation-database",
         "none",
+        "--generation-with-security-parameters",
+        "false" if headers else "true",  # with the key: send it, not generated tokens
         "--report",
         "har",
         "--report-har-path",

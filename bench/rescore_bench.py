@@ -44,9 +44,8 @@ def time_model_class(model: str, table: pa.Table) -> tuple[dict[str, Any], np.nd
     import torch
 
     from reranker.model import CrossEncoderModel
-    from reranker.settings import ModelSettings
 
-    scorer = CrossEncoderModel(ModelSettings(model=model))
+    scorer = CrossEncoderModel(model)
     queries, passages = table["query"].to_pylist(), table["passage"].to_pylist()
     scorer.score(queries[:64], passages[:64])
     started = time.perf_counter()

@@ -45,9 +45,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def time_in_process(model: str, requests: list[tuple[str, list[str]]], threads: int) -> dict:
     from reranker.model import CrossEncoderModel
-    from reranker.settings import ModelSettings
 
-    scorer = CrossEncoderModel(ModelSettings(model=model, torch_threads=threads))
+    scorer = CrossEncoderModel(model, torch_threads=threads)
     scorer.score(["warm"] * 8, ["up"] * 8)
     latencies = []
     for query, passages in requests:

@@ -64,7 +64,6 @@ logger = logging.getLogger("jobs.rescore")
 ROWS_PER_RANK_PARTITION = 100_000
 MAX_RANK_PARTITIONS = 200
 ACTOR_INIT_DEATHS = 3  # scoring actors that may die while loading before the job fails (Ray's default: 0)
-TASK_RETRIES = 3  # a tokenize or commit task whose worker dies is rerun (its output is deterministic)
 SCORED_DIR = "_scored"
 RANKING_DIR = "_ranking"
 
@@ -284,7 +283,9 @@ def build_pipeline(
         batch_format="pyarrow",
         num_cpus=job.io_cpus,
         compute=ray.data.TaskPoolStrategy(size=pool.tokenize_tasks),
-        max_retries=TASK_RETRIES,  # also keeps Ray Data from fusing tokenization into the actors
+        # The tokenizer's own thread pool, sized before it starts. A runtime env of its own also keeps
+        # Ray Data from fusing tokenization into the scoring actors (fusion needs equal remote args).
+        runtime_env={"env_vars": {"RAYON_NUM_THREADS": str(max(1, round(job.io_cpus)))}},
     )
     dataset = dataset.map_batches(
         ScoreUnits,
@@ -305,7 +306,6 @@ def build_pipeline(
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=job.io_cpus,
-        max_retries=TASK_RETRIES,
     )
 
 

@@ -267,7 +267,7 @@ class ScoreUnits:
     ) -> None:
         from reranker.model import CrossEncoderModel  # torch only here: not on the driver or CPU tasks
 
-        self.model = CrossEncoderModel(model_settings)
+        self.model = CrossEncoderModel.from_settings(model_settings)
         self.score_column = score_column
         self.position_column = position_column
 

@@ -18,7 +18,7 @@ from typing import Any
 from transformers import AutoConfig, AutoTokenizer
 
 from reranker.errors import ModelLoadError
-from reranker.settings import ModelSettings
+from reranker.settings import ModelOptions
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ WEIGHT_FILES = (
 _SNAPSHOT = re.compile(r"snapshots/([0-9a-f]{40})/")
 
 
-def hub_options(settings: ModelSettings) -> dict[str, Any]:
+def hub_options(settings: ModelOptions) -> dict[str, Any]:
     """Keyword arguments for every ``from_pretrained`` call of this model."""
     return {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
 
@@ -66,7 +66,7 @@ def untrained_weights_message(model: str, missing: set[str]) -> str:
     )
 
 
-def check_loadable(settings: ModelSettings) -> None:
+def check_loadable(settings: ModelOptions) -> None:
     """Fail fast, e.g. on a job's driver before any worker starts, if the model can't be used.
 
     Reads the config, the tokenizer and the checkpoint's tensor names (file headers, not weights):
@@ -110,7 +110,7 @@ def head_parameter_names(config: Any, trust_remote_code: bool = False) -> set[st
     return {name for name, _ in model.named_parameters() if not name.startswith(prefix)}
 
 
-def checkpoint_tensor_names(settings: ModelSettings) -> set[str] | None:
+def checkpoint_tensor_names(settings: ModelOptions) -> set[str] | None:
     """Tensor names of the model's checkpoint from file headers, or None where that is not possible.
 
     A local directory or a hub model already in the local cache is read from disk; otherwise the hub
@@ -128,7 +128,7 @@ def checkpoint_tensor_names(settings: ModelSettings) -> set[str] | None:
     return None
 
 
-def _local_file(settings: ModelSettings, name: str) -> Path | None:
+def _local_file(settings: ModelOptions, name: str) -> Path | None:
     local = Path(settings.model)
     if local.is_dir():
         return local / name if (local / name).is_file() else None
@@ -151,7 +151,7 @@ def _names_in(path: Path) -> set[str]:
     return set(torch.load(path, map_location="meta", weights_only=True, mmap=True))
 
 
-def model_version(settings: ModelSettings) -> str:
+def model_version(settings: ModelOptions) -> str:
     """What exactly would be loaded: ``hub:<commit>`` for a hub model, ``dir:<digest>`` for a directory.
 
     A directory's digest covers the name, size and modification time of each file in it, so new
@@ -168,7 +168,7 @@ def model_version(settings: ModelSettings) -> str:
     return f"hub:{resolved_commit(settings)}"
 
 
-def resolved_commit(settings: ModelSettings) -> str:
+def resolved_commit(settings: ModelOptions) -> str:
     """The hub commit that ``settings.revision`` (default: main) points at now.
 
     Raises:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self, overload
 
 import numpy as np
+import pydantic
 import torch
 from transformers import (
     AutoModelForSequenceClassification,
@@ -24,9 +25,9 @@ from reranker.batching import pad_batch, plan_batches
 from reranker.cls_forward import build_cls_forward
 from reranker.errors import ConfigError, ModelLoadError
 from reranker.loading import check_labels, hub_options, load_failure_message, untrained_weights_message
-from reranker.settings import ModelSettings
+from reranker.settings import DEFAULT_MODEL, ModelOptions, describe_validation_error
 from reranker.tokenizer import EncodedPairs, PairTokenizer
-from reranker.types import Activation, TruncationSide
+from reranker.types import Activation, Precision, TruncationSide
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +85,69 @@ class ScoreResult:
 class CrossEncoderModel:
     """A Hugging Face cross-encoder that scores (query, passage) pairs in length-aware batches."""
 
-    def __init__(self, settings: ModelSettings) -> None:
-        """Load tokenizer and weights once; every setting is fixed from here on.
+    def __init__(
+        self,
+        model_name_or_path: str = DEFAULT_MODEL,
+        *,
+        revision: str | None = None,
+        device: str = "auto",
+        precision: Precision = "fp32",
+        max_length: int = 512,
+        activation: Activation = "none",
+        max_batch_tokens: int | None = None,
+        max_batch_pairs: int = 1024,
+        torch_threads: int | None = None,
+        cls_only_last_layer: bool = True,
+        trust_remote_code: bool = False,
+    ) -> None:
+        """Load the tokenizer and the weights once; every option is fixed from here on.
+
+        Reads no environment variable (programs build the class from their settings with
+        ``from_settings``) and changes torch's process-wide thread count only when
+        ``torch_threads`` is given.
+
+        Args:
+            model_name_or_path: Hugging Face hub id or local directory of a sequence-classification
+                cross-encoder with 1 (or 2) labels.
+            revision: Hub branch, tag or commit to load.
+            device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
+            precision: "fp32", "bf16", or "fp16" (GPU only).
+            max_length: Tokens per pair, capped by the model.
+            activation: Default scores: raw logits ("none") or "sigmoid"; a call may pick another.
+            max_batch_tokens: Padded tokens per forward pass (default: 4,096 on CPU, 65,536 on GPU).
+            max_batch_pairs: Pairs per forward pass at most.
+            torch_threads: Set torch's intra-op threads (process-wide) to this.
+            cls_only_last_layer: Run the last layer at [CLS] only (exact; BERT-family models).
+            trust_remote_code: Allow custom model code from the hub.
 
         Raises:
-            ModelLoadError: The model can't be found or read.
-            ConfigError: Device or precision settings are invalid.
-
+            ModelLoadError: The model can't be found or read, or has no trained reranker head.
+            ConfigError: An invalid option (device, precision, a value out of range).
         """
+        try:
+            settings = ModelOptions(
+                model=model_name_or_path,
+                revision=revision,
+                device=device,
+                precision=precision,
+                max_length=max_length,
+                activation=activation,
+                max_batch_tokens=max_batch_tokens,
+                max_batch_pairs=max_batch_pairs,
+                torch_threads=torch_threads,
+                cls_only_last_layer=cls_only_last_layer,
+                trust_remote_code=trust_remote_code,
+            )
+        except pydantic.ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc)) from None
+        self._load(settings)
+
+    @classmethod
+    def from_settings(cls, options: ModelOptions) -> Self:
+        """The model a program's settings describe (``ModelSettings`` is a ``ModelOptions``)."""
+        return cls(options.model, **options.model_dump(exclude={"model"}))
+
+    def _load(self, settings: ModelOptions) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.precision, self.device)
@@ -145,7 +201,7 @@ class CrossEncoderModel:
         logits = self._logits(**{key: self._to_device(value) for key, value in inputs.items()})
         return _relevance_logit(logits).float().cpu().numpy()
 
-    def _pick_forward(self, settings: ModelSettings) -> Callable[..., torch.Tensor]:
+    def _pick_forward(self, settings: ModelOptions) -> Callable[..., torch.Tensor]:
         """The [CLS]-only forward where it applies and checks out, else the Hugging Face one."""
         fast = build_cls_forward(self.model, self.dtype) if settings.cls_only_last_layer else None
         logger.info("forward: %s", "last layer at [CLS] only" if fast else "full (Hugging Face)")
@@ -165,10 +221,12 @@ class CrossEncoderModel:
         max_length: int | None = None,
         truncation_side: TruncationSide = "right",
         activation: Activation | None = None,
+        max_batch_pairs: int | None = None,
     ) -> ScoreResult:
         """Score pairs ``(queries[i], passages[i])``; scores come back float32 in input order.
 
-        ``activation`` defaults to the setting; raw logits ("none") or "sigmoid".
+        ``activation`` (raw logits "none", or "sigmoid") and ``max_batch_pairs`` default to the
+        model's; they apply to this call alone.
         """
         if len(queries) != len(passages):
             raise ValueError("queries and passages must have the same length")
@@ -176,7 +234,7 @@ class CrossEncoderModel:
             return ScoreResult(np.empty(0, dtype=np.float32), 0, 0)
         encoded = self.tokenize(queries, passages, max_length, truncation_side)
         return ScoreResult(
-            self.score_encoded(encoded, activation=activation),
+            self.score_encoded(encoded, max_batch_pairs=max_batch_pairs, activation=activation),
             int(encoded.lengths.sum()),
             int(encoded.truncated.sum()),
         )
@@ -186,7 +244,7 @@ class CrossEncoderModel:
     ) -> np.ndarray:
         """Score already tokenized pairs in length-aware batches; float32 in input order.
 
-        ``max_batch_pairs`` and ``activation`` default to the settings.
+        ``max_batch_pairs`` and ``activation`` default to the model's.
         """
         scores = np.empty(len(encoded.lengths), dtype=np.float32)
         pairs_cap = max_batch_pairs or self.settings.max_batch_pairs
@@ -194,9 +252,40 @@ class CrossEncoderModel:
             scores[batch] = self.forward(encoded, batch)
         return sigmoid(scores) if (activation or self.settings.activation) == "sigmoid" else scores
 
-    def predict(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-        """Score ``(query, passage)`` pairs, like ``CrossEncoder.predict``."""
-        return self.score([pair[0] for pair in pairs], [pair[1] for pair in pairs]).scores
+    @overload
+    def predict(
+        self, inputs: tuple[str, str], batch_size: int | None = None, activation: Activation | None = None
+    ) -> np.float32: ...
+
+    @overload
+    def predict(
+        self,
+        inputs: Sequence[tuple[str, str]],
+        batch_size: int | None = None,
+        activation: Activation | None = None,
+    ) -> np.ndarray: ...
+
+    def predict(
+        self,
+        inputs: tuple[str, str] | Sequence[tuple[str, str]],
+        batch_size: int | None = None,
+        activation: Activation | None = None,
+    ) -> np.ndarray | np.float32:
+        """Score ``(query, passage)`` pairs, like ``CrossEncoder.predict``.
+
+        Args:
+            inputs: A list of pairs, or one pair.
+            batch_size: Pairs per forward pass at most (batches are also cut by ``max_batch_tokens``).
+            activation: "none" (raw logits) or "sigmoid"; default: the model's.
+
+        Returns:
+            float32 scores in input order; a single float32 for a single pair.
+        """
+        single = _is_pair(inputs)
+        pairs: Sequence[tuple[str, str]] = [inputs] if single else inputs  # type: ignore[list-item,assignment]
+        queries, passages = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+        scores = self.score(queries, passages, activation=activation, max_batch_pairs=batch_size).scores
+        return scores[0] if single else scores
 
     def rank(
         self,
@@ -204,14 +293,15 @@ class CrossEncoderModel:
         documents: Sequence[str],
         top_k: int | None = None,
         return_documents: bool = False,
+        batch_size: int | None = None,
+        activation: Activation | None = None,
     ) -> list[dict[str, Any]]:
-        """Rank documents for one query, like ``CrossEncoder.rank``.
+        """Rank documents for one query, like ``CrossEncoder.rank``; ties keep document order.
 
         Returns:
-            Dicts with ``corpus_id`` and ``score`` (and ``text`` if asked), best first.
-
+            Dicts with ``corpus_id`` and ``score`` (and ``text`` if asked), best first, ``top_k`` of them.
         """
-        scores = self.score([query] * len(documents), documents).scores
+        scores = self.predict([(query, document) for document in documents], batch_size, activation)
         order = np.argsort(-scores, kind="stable")[:top_k]
         results: list[dict[str, Any]] = []
         for index in order:
@@ -220,6 +310,11 @@ class CrossEncoderModel:
                 result["text"] = documents[index]
             results.append(result)
         return results
+
+
+def _is_pair(inputs: Any) -> bool:
+    """One ``(query, passage)`` pair rather than a list of them."""
+    return len(inputs) == 2 and all(isinstance(part, str) for part in inputs)
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -235,7 +330,7 @@ def _relevance_logit(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, 1] - logits[:, 0]
 
 
-def _load_weights(settings: ModelSettings, dtype: torch.dtype) -> Any:
+def _load_weights(settings: ModelOptions, dtype: torch.dtype) -> Any:
     """The weights, refusing a checkpoint that lacks any of them (transformers would fill in random ones)."""
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(

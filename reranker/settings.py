@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from reranker.errors import ConfigError
-from reranker.types import Activation
+from reranker.types import Activation, Precision
 
 DEFAULT_MODEL = "cross-encoder/ms-marco-TinyBERT-L2-v2"
 
@@ -76,18 +76,21 @@ class SettingsSection(BaseSettings):
             from_env = EnvSettingsSource(cls)()
             return cls(**{**(file_values or {}), **from_env, **flags})
         except pydantic.ValidationError as exc:
-            raise ConfigError(_describe_validation_error(exc)) from None
+            raise ConfigError(describe_validation_error(exc)) from None
 
 
-class ModelSettings(SettingsSection):
-    """How to load and run the cross-encoder; shared by the job and the service."""
+class ModelOptions(BaseModel):
+    """How to load and run the cross-encoder: plain, validated values that read no environment.
+
+    What ``CrossEncoderModel`` takes; ``ModelSettings`` adds the ``RERANK_*`` sources for programs.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str = Field(DEFAULT_MODEL, description="Hugging Face hub id or local directory.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N.")
-    precision: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="Weights/compute dtype; fp16 needs a GPU."
-    )
+    precision: Precision = Field("fp32", description="Weights/compute dtype; fp16 needs a GPU.")
     max_length: int = Field(512, ge=8, description="Max tokens per pair, capped by the model.")
     activation: Activation = Field(
         "none",
@@ -105,6 +108,10 @@ class ModelSettings(SettingsSection):
         description="Run the last layer at [CLS] only (exact, BERT-family; others: full forward).",
     )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+
+
+class ModelSettings(ModelOptions, SettingsSection):  # type: ignore[misc]  # both configs merge
+    """The model's settings section of a program: ``ModelOptions`` from flags, ``RERANK_*`` and files."""
 
 
 class JobSettings(SettingsSection):
@@ -205,14 +212,15 @@ class ComposedSettings(BaseModel):
         try:
             return cls(**loaded)
         except pydantic.ValidationError as exc:
-            raise ConfigError(_describe_validation_error(exc)) from None
+            raise ConfigError(describe_validation_error(exc)) from None
 
 
 def _pick(values: Mapping[str, Any], section: type[SettingsSection]) -> dict[str, Any]:
     return {key: value for key, value in values.items() if key in section.model_fields}
 
 
-def _describe_validation_error(exc: pydantic.ValidationError) -> str:
+def describe_validation_error(exc: pydantic.ValidationError) -> str:
+    """Pydantic's errors as one line: ``invalid settings: name: problem; ...``."""
     problems = []
     for error in exc.errors():
         message = error["msg"].removeprefix("Value error, ")

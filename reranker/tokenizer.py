@@ -1,4 +1,4 @@
-"""The model's tokenizer alone, without torch: what a CPU tokenization stage loads.
+"""The model's tokenizer alone, without the weights: what a CPU tokenization stage loads.
 
 ``reranker.model`` adds the weights; ``reranker.loading`` checks a model before anything loads.
 """
@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from reranker.errors import ModelLoadError
 from reranker.loading import hub_options, load_failure_message
-from reranker.settings import ModelSettings
+from reranker.settings import ModelOptions
 from reranker.types import TruncationSide
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class PairTokenizer:
     Thread-safe: per-call truncation settings are applied under a lock.
     """
 
-    def __init__(self, settings: ModelSettings, config: Any | None = None) -> None:
+    def __init__(self, settings: ModelOptions, config: Any | None = None) -> None:
         """Load the tokenizer (and the model config when not given, for its position limit).
 
         Raises:

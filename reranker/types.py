@@ -6,3 +6,4 @@ from typing import Literal
 
 TruncationSide = Literal["right", "left"]
 Activation = Literal["none", "sigmoid"]
+Precision = Literal["fp32", "fp16", "bf16"]

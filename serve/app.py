@@ -45,7 +45,7 @@ def batching_config(settings: ServeSettings) -> BatchingConfig:
 
 def build_service(settings: ServeSettings, threads: int, metrics: RerankMetrics | None) -> RerankService:
     """Load and warm the model, and wrap it in the engine and the routes' service."""
-    model = CrossEncoderModel(settings.model.model_copy(update={"torch_threads": threads}))
+    model = CrossEncoderModel.from_settings(settings.model.model_copy(update={"torch_threads": threads}))
     model.score(["warm up"] * 8, ["the model before the first request"] * 8)
     engine = RerankEngine(
         model, batching_config(settings), metrics, health_interval_s=settings.serving.health_probe_interval_s

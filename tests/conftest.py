@@ -25,9 +25,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     """The tiny model loaded once through the project's model class."""
     from reranker.model import CrossEncoderModel
-    from reranker.settings import ModelSettings
 
-    return CrossEncoderModel(ModelSettings(model=str(tiny_model_dir)))
+    return CrossEncoderModel(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="session")

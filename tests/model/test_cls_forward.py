@@ -13,7 +13,6 @@ from transformers import (
 from reranker import cls_forward
 from reranker.cls_forward import ClsForward, build_cls_forward
 from reranker.model import CrossEncoderModel
-from reranker.settings import ModelSettings
 
 pytestmark = pytest.mark.model
 
@@ -86,9 +85,7 @@ def test_model_class_scores_equal_with_and_without_it(tiny_model_dir):
     queries = ["how do solar panels work", "vitamin d"] * 6
     passages = [f"solar panels convert sunlight {'into electricity ' * i}" for i in range(12)]
     scores = [
-        CrossEncoderModel(ModelSettings(model=str(tiny_model_dir), cls_only_last_layer=flag))
-        .score(queries, passages)
-        .scores
+        CrossEncoderModel(str(tiny_model_dir), cls_only_last_layer=flag).score(queries, passages).scores
         for flag in (True, False)
     ]
     np.testing.assert_allclose(scores[0], scores[1], atol=1e-5)

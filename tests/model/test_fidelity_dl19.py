@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from reranker.model import CrossEncoderModel
-from reranker.settings import ModelSettings
 from tests.helpers import DL19_TSV, TWIN_MODEL, read_trec_tsv, require
 
 pytestmark = [pytest.mark.model, pytest.mark.shared]
@@ -14,7 +13,7 @@ def test_twin_matches_cross_encoder_predict_on_all_dl19_pairs():
     from sentence_transformers import CrossEncoder
 
     pairs = read_trec_tsv(require(DL19_TSV))
-    model = CrossEncoderModel(ModelSettings(model=str(require(TWIN_MODEL))))
+    model = CrossEncoderModel(str(require(TWIN_MODEL)))
     ours = model.score(pairs["query"].tolist(), pairs["passage"].tolist()).scores
     reference = CrossEncoder(str(TWIN_MODEL), activation_fn=torch.nn.Identity()).predict(
         list(zip(pairs["query"], pairs["passage"], strict=True)), batch_size=64

@@ -37,7 +37,7 @@ def test_the_model_class_refuses_a_random_head(headless):
     """Loading the weights (library, service replica, job actor) refuses newly initialized weights."""
     _, directory = headless
     with pytest.raises(ModelLoadError, match="no trained reranker head"):
-        CrossEncoderModel(ModelSettings(model=str(directory)))
+        CrossEncoderModel(str(directory))
 
 
 def test_the_service_fails_to_start_with_that_line(headless):

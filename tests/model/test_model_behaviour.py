@@ -4,7 +4,6 @@ import torch
 
 from reranker.errors import ModelLoadError
 from reranker.model import CrossEncoderModel, sigmoid
-from reranker.settings import ModelSettings
 from tests.helpers import build_tiny_cross_encoder
 
 pytestmark = pytest.mark.model
@@ -29,8 +28,8 @@ def test_scores_are_float32_in_input_order(tiny_model):
 def test_scores_do_not_depend_on_batch_composition(tiny_model_dir):
     """Tiny and large token budgets give the same scores (padding is masked)."""
     queries, passages = QUERIES * 10, [p * (i % 4 + 1) for i, p in enumerate(PASSAGES * 10)]
-    small = CrossEncoderModel(ModelSettings(model=str(tiny_model_dir), max_batch_tokens=64))
-    large = CrossEncoderModel(ModelSettings(model=str(tiny_model_dir), max_batch_tokens=100_000))
+    small = CrossEncoderModel(str(tiny_model_dir), max_batch_tokens=64)
+    large = CrossEncoderModel(str(tiny_model_dir), max_batch_tokens=100_000)
     np.testing.assert_allclose(
         small.score(queries, passages).scores, large.score(queries, passages).scores, atol=1e-5
     )
@@ -55,7 +54,7 @@ def test_long_pairs_are_truncated_and_counted(tiny_model):
 
 def test_max_length_is_capped_by_the_model(tiny_model_dir):
     """Asking for more tokens than the model's positions gives the model's limit."""
-    model = CrossEncoderModel(ModelSettings(model=str(tiny_model_dir), max_length=4096))
+    model = CrossEncoderModel(str(tiny_model_dir), max_length=4096)
     assert model.max_length == 64
 
 
@@ -72,7 +71,7 @@ def test_activation_is_a_per_call_choice(tiny_model, tiny_model_dir):
         tiny_model.score(QUERIES, PASSAGES, activation="sigmoid").scores, sigmoid(raw), atol=1e-6
     )
     np.testing.assert_allclose(tiny_model.score(QUERIES, PASSAGES).scores, raw)
-    sig = CrossEncoderModel(ModelSettings(model=str(tiny_model_dir), activation="sigmoid"))
+    sig = CrossEncoderModel(str(tiny_model_dir), activation="sigmoid")
     np.testing.assert_allclose(sig.score(QUERIES, PASSAGES).scores, sigmoid(raw), atol=1e-6)
     np.testing.assert_allclose(sig.score(QUERIES, PASSAGES, activation="none").scores, raw, atol=1e-6)
 
@@ -119,7 +118,7 @@ def test_mismatched_lengths_are_rejected(tiny_model):
 def test_two_label_heads_score_by_log_odds(tmp_path):
     """A 2-label reranker head scores by logit[1] - logit[0]."""
     directory = build_tiny_cross_encoder(tmp_path / "two", num_labels=2)
-    model = CrossEncoderModel(ModelSettings(model=str(directory)))
+    model = CrossEncoderModel(str(directory))
     encoded = model.tokenize(QUERIES, PASSAGES)
     with torch.inference_mode():
         logits = model.model(**model.tokenizer(QUERIES, PASSAGES, padding=True, return_tensors="pt")).logits
@@ -132,10 +131,10 @@ def test_two_label_heads_score_by_log_odds(tmp_path):
 def test_missing_local_directory_gives_one_clear_error(tmp_path):
     """A path that isn't a model fails with ModelLoadError saying how to point at a local copy."""
     with pytest.raises(ModelLoadError, match="--model DIR"):
-        CrossEncoderModel(ModelSettings(model=str(tmp_path / "no-such-model")))
+        CrossEncoderModel(str(tmp_path / "no-such-model"))
 
 
 def test_hub_id_without_network_gives_one_clear_error():
     """A hub id that isn't cached, offline, fails with the same guidance (and no network call)."""
     with pytest.raises(ModelLoadError, match="RERANK_MODEL=DIR"):
-        CrossEncoderModel(ModelSettings(model="cross-encoder/definitely-not-cached-here"))
+        CrossEncoderModel("cross-encoder/definitely-not-cached-here")

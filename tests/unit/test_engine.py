@@ -10,7 +10,7 @@ import torch
 
 from reranker.errors import ConfigError
 from reranker.model import CrossEncoderModel
-from reranker.settings import ModelSettings, ServeSettings
+from reranker.settings import ServeSettings
 from serve import app as serve_app
 from serve.engine import BatchingConfig, RerankEngine, Truncation
 from tests.serve_helpers import InstrumentedModel, RecordingMetrics
@@ -131,7 +131,7 @@ def test_a_failing_request_fails_alone(tiny_model):
 
 def test_engine_returns_raw_logits_whatever_the_model_activation(tiny_model_dir, tiny_model):
     """A model loaded with activation=sigmoid still gives the engine raw logits (routes apply it once)."""
-    sigmoid_model = CrossEncoderModel(ModelSettings(model=str(tiny_model_dir), activation="sigmoid"))
+    sigmoid_model = CrossEncoderModel(str(tiny_model_dir), activation="sigmoid")
     engine = RerankEngine(sigmoid_model, CONFIG)
     result = asyncio.run(engine.score(["q"] * 4, ["solar", "sun", "wind", "moon"]))
     logits = tiny_model.score(["q"] * 4, ["solar", "sun", "wind", "moon"], activation="none").scores

@@ -1,4 +1,7 @@
+import logging
+
 import pytest
+import ray.data
 import torch
 
 from jobs.scoring import plan_actor_pool
@@ -159,4 +162,23 @@ def test_pipeline_has_the_same_shape_on_cpu_and_gpu_with_cluster_derived_sizes()
     assert gpu[0][2].size == 88 and cpu[0][2].size == 1
     assert gpu[1][1]["num_gpus"] == 1.0 and gpu[1][2].min_size == gpu[1][2].max_size == 8
     assert cpu[1][1]["num_gpus"] == 0.0 and cpu[1][2].max_size == 1
-    assert "max_retries" in gpu[0][1]  # the tokenize stage is never fused into the GPU actors
+    for stages_of_one in (gpu, cpu):  # remote args differ, so tokenization never fuses into the actors
+        assert stages_of_one[0][1] != stages_of_one[1][1]
+        assert stages_of_one[0][1]["runtime_env"]["env_vars"]["RAYON_NUM_THREADS"] == "1"
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_pipeline_uses_no_deprecated_ray_data_arguments(caplog):
+    """Building the job's stages raises no RayDeprecationWarning (an error in this suite, see pyproject)
+    and logs no deprecation (Ray Data logs the one for map_batches(concurrency=...))."""
+    ray_data_logger = logging.getLogger("ray.data")
+    ray_data_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ray.data"):
+            stages(plan_actor_pool([{"CPU": 96.0, "GPU": 8.0}], RescoreSettings.load().job))
+            stages(plan_actor_pool([{"CPU": 2.0}], RescoreSettings.load().job))
+            ray.data.range(4).map_batches(lambda batch: batch, concurrency=1)  # the check itself bites
+    finally:
+        ray_data_logger.removeHandler(caplog.handler)
+    deprecations = [record.getMessage() for record in caplog.records if "deprecated" in record.getMessage()]
+    assert len(deprecations) == 1 and "concurrency" in deprecations[0]
