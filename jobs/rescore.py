@@ -9,6 +9,7 @@ jobs.rescore ...``. Ends with one summary line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,7 +17,7 @@ import math
 import posixpath
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,28 +227,41 @@ def score_units(
         InputError: A unit could not be read and ``--on-bad-file fail``; names the file.
 
     """
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
     pool = plan_actor_pool(alive_node_resources(), settings.job, settings.model.torch_threads)
-    context = ray.data.DataContext.get_current()
-    context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
     budget = object_store_budget(pool, settings.job)
-    limits = context.execution_options.resource_limits
-    context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
     logger.info("actor pool: %s, object store budget %d MiB", pool, budget // 2**20)
     bad_files: dict[str, str] = {}
     timings: list[dict[str, float]] = []
-    for done, row in enumerate(build_pipeline(units, plan, settings, pool, destination).iter_rows(), 1):
-        if row["error"] is not None:
-            if settings.job.on_bad_file == "fail":
-                raise InputError(row["error"] + " (pass --on-bad-file skip to leave bad files out)")
-            logger.warning("skipping %s", row["error"])
-            bad_files[row["path"]] = row["error"]
-            continue
-        timings.append(json.loads(row["timings"]))
-        logger.info("committed %s (%d/%d)", row["name"], done, len(units))
+    with job_data_context(budget):
+        pipeline = build_pipeline(units, plan, settings, pool, destination)
+        for done, row in enumerate(pipeline.iter_rows(), 1):  # one small manifest row per unit
+            if row["error"] is not None:
+                if settings.job.on_bad_file == "fail":
+                    raise InputError(row["error"] + " (pass --on-bad-file skip to leave bad files out)")
+                logger.warning("skipping %s", row["error"])
+                bad_files[row["path"]] = row["error"]
+                continue
+            timings.append(json.loads(row["timings"]))
+            logger.info("committed %s (%d/%d)", row["name"], done, len(units))
     logger.info("stage seconds: %s", json.dumps(stage_seconds(timings)))
     return bad_files
+
+
+@contextlib.contextmanager
+def job_data_context(object_store_bytes: int) -> Iterator[None]:
+    """The job's Ray Data settings (actor deaths tolerated, object-store budget), restored afterwards.
+
+    The process's ``DataContext`` is shared with whatever else runs there (a caller's own pipeline).
+    """
+    context = ray.data.DataContext.get_current()
+    saved = (context.max_consecutive_actor_init_deaths, context.execution_options.resource_limits)
+    context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
+    limits = context.execution_options.resource_limits
+    context.execution_options.resource_limits = limits.copy(object_store_memory=object_store_bytes)
+    try:
+        yield
+    finally:
+        context.max_consecutive_actor_init_deaths, context.execution_options.resource_limits = saved
 
 
 def stage_seconds(timings: Sequence[Mapping[str, float]]) -> dict[str, float]:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -26,8 +27,11 @@ from jobs.commit import commit_table
 from jobs.retries import is_transient, with_retries
 from jobs.storage import Location
 from jobs.units import WorkUnit, read_unit
-from reranker.settings import JobSettings, ModelSettings
+from reranker.settings import JobSettings, ModelOptions
 from reranker.tokenizer import EncodedPairs, PairTokenizer
+
+if TYPE_CHECKING:
+    from reranker.model import CrossEncoderModel
 
 MAX_CPUS_PER_ACTOR = 4.0
 # In flight per row, measured on MS MARCO text: ~0.45 KiB of text (it travels twice), ~0.8 KiB of tokens.
@@ -35,6 +39,32 @@ UNIT_BYTES_PER_ROW = 2048
 MIN_OBJECT_STORE_BYTES = 512 * 2**20
 POSITION_COLUMN = "__rerank_position__"  # a ranked job's tie-breaker: the row's place in the input
 _ROWS_PER_FILE_BITS = 40  # position = file index * 2**40 + row in the file
+
+
+class PoolSizing(Protocol):
+    """What a caller asks of the scoring actor pool (``JobSettings`` is one); None: from the cluster."""
+
+    @property
+    def num_actors(self) -> int | None: ...  # noqa: D102
+
+    @property
+    def cpus_per_actor(self) -> float | None: ...  # noqa: D102
+
+    @property
+    def gpus_per_actor(self) -> float | None: ...  # noqa: D102
+
+    @property
+    def io_cpus(self) -> float: ...  # noqa: D102
+
+
+@dataclass(frozen=True)
+class PoolRequest:
+    """A ``PoolSizing`` given as plain values (the Ray Data stage's arguments)."""
+
+    num_actors: int | None = None
+    cpus_per_actor: float | None = None
+    gpus_per_actor: float | None = None
+    io_cpus: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -49,7 +79,7 @@ class ActorPoolPlan:
 
 
 def plan_actor_pool(
-    nodes: Sequence[Mapping[str, float]], settings: JobSettings, torch_threads: int | None = None
+    nodes: Sequence[Mapping[str, float]], settings: PoolSizing, torch_threads: int | None = None
 ) -> ActorPoolPlan:
     """Size the actor pool from per-node resources.
 
@@ -116,7 +146,9 @@ def _tokenize_slots(nodes: Sequence[Mapping[str, float]], actor_cpus: float, io_
 
 
 def alive_node_resources() -> list[dict[str, float]]:
-    """Resources of the alive nodes of the connected Ray cluster."""
+    """Resources of the alive nodes of the Ray cluster (embedded Ray is started if none is connected)."""
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
@@ -176,7 +208,7 @@ def from_ipc(data: bytes) -> pa.Table:
 
 
 @functools.lru_cache(maxsize=4)
-def _pair_tokenizer(settings: ModelSettings, threads: int) -> PairTokenizer:
+def tokenizer_for(settings: ModelOptions, threads: int) -> PairTokenizer:
     """One tokenizer per worker process and settings, so a task doesn't reload it."""
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # read once, when the tokenizer pool starts
     return PairTokenizer(settings)
@@ -225,7 +257,7 @@ def encoded_from_table(tokens: pa.Table) -> tuple[EncodedPairs, np.ndarray]:
 def tokenize_units(
     batch: pa.Table,
     source: Location,
-    model_settings: ModelSettings,
+    model_settings: ModelOptions,
     query_column: str,
     passage_column: str,
     threads: int,
@@ -243,7 +275,7 @@ def tokenize_units(
             rows.append({**unit, "error": f"cannot read Parquet file {unit['path']}: {_first_line(exc)}"})
             continue
         read_s = time.perf_counter() - started
-        tokens = tokenize_table(_pair_tokenizer(model_settings, threads), table, query_column, passage_column)
+        tokens = tokenize_table(tokenizer_for(model_settings, threads), table, query_column, passage_column)
         timings = {"read_s": read_s, "tokenize_s": time.perf_counter() - started - read_s}
         rows.append(
             {**unit, "table": to_ipc(table), "tokens": to_ipc(tokens), "timings": json.dumps(timings)}
@@ -259,11 +291,26 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def score_tokens(model: CrossEncoderModel, tokens: pa.Table) -> tuple[pa.Array, dict[str, int]]:
+    """float32 scores of a ``tokenize_table`` result (null where there was nothing to score), and counts."""
+    encoded, valid = encoded_from_table(tokens)
+    scores = np.zeros(tokens.num_rows, dtype=np.float32)
+    scores[valid] = model.score_encoded(encoded)
+    counts = {
+        "rows": tokens.num_rows,
+        "scored": int(valid.sum()),
+        "null": int((~valid).sum()),
+        "truncated": int(encoded.truncated.sum()),
+        "tokens": int(encoded.lengths.sum()),
+    }
+    return pa.array(scores, pa.float32(), mask=~valid), counts
+
+
 class ScoreUnits:
     """Ray Data callable class: loads the model once per actor, then scores tokenized units."""
 
     def __init__(
-        self, model_settings: ModelSettings, score_column: str, position_column: str | None = None
+        self, model_settings: ModelOptions, score_column: str, position_column: str | None = None
     ) -> None:
         from reranker.model import CrossEncoderModel  # torch only here: not on the driver or CPU tasks
 
@@ -281,19 +328,10 @@ class ScoreUnits:
             return {**row, "table": None, "counts": None}
         started, started_at = time.perf_counter(), time.time()
         table = from_ipc(row["table"])
-        encoded, valid = encoded_from_table(from_ipc(row["tokens"]))
-        scores = np.zeros(table.num_rows, dtype=np.float32)
-        scores[valid] = self.model.score_encoded(encoded)
-        scored = table.append_column(self.score_column, pa.array(scores, pa.float32(), mask=~valid))
+        scores, counts = score_tokens(self.model, from_ipc(row["tokens"]))
+        scored = table.append_column(self.score_column, scores)
         if self.position_column is not None:
             scored = scored.append_column(self.position_column, input_positions(_unit(row)))
-        counts = {
-            "rows": table.num_rows,
-            "scored": int(valid.sum()),
-            "null": int((~valid).sum()),
-            "truncated": int(encoded.truncated.sum()),
-            "tokens": int(encoded.lengths.sum()),
-        }
         timings = {
             **json.loads(row["timings"]),
             "forward_s": time.perf_counter() - started,

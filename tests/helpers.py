@@ -212,3 +212,31 @@ def fake_hub_cache(cache: Path, repo_id: str, model_dir: Path, commit: str) -> P
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return repo
+
+
+QUERIES = ["how do solar panels work", "what causes seasons", "basil plant water"]
+PASSAGES = ["solar panels convert sunlight", "the tilt of the earth axis", "water basil when dry", "bananas"]
+
+
+def pairs_table(copies: int = 1):  # type: ignore[no-untyped-def]
+    """Every (query, passage) combination with qid/pid/lang columns, ``copies`` times."""
+    import pyarrow as pa
+
+    rows = [
+        {"qid": q, "pid": q * 10 + p, "query": query, "passage": passage, "lang": "en"}
+        for _ in range(copies)
+        for q, query in enumerate(QUERIES)
+        for p, passage in enumerate(PASSAGES)
+    ]
+    return pa.Table.from_pylist(rows)
+
+
+def damage_data_page(path: Path) -> None:
+    """Overwrite bytes inside the first column chunk of a Parquet file, leaving the footer valid."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(path).metadata
+    start = metadata.row_group(0).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start + 8 : start + 40] = b"\xff" * 32
+    path.write_bytes(bytes(data))

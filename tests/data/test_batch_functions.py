@@ -20,6 +20,7 @@ from jobs.scoring import (
 from jobs.storage import locate
 from jobs.units import WorkUnit, plan_units, read_unit
 from reranker.settings import ModelSettings
+from tests.helpers import damage_data_page
 
 pytestmark = pytest.mark.data
 
@@ -92,15 +93,6 @@ def test_a_damaged_file_becomes_an_error_row_naming_it(tmp_path, tiny_model_dir)
         == error
     )
     assert not (tmp_path / "o").exists()
-
-
-def damage_data_page(path) -> None:
-    """Overwrite bytes inside the first column chunk, leaving the footer valid."""
-    metadata = pq.ParquetFile(path).metadata
-    start = metadata.row_group(0).column(0).data_page_offset
-    data = bytearray(path.read_bytes())
-    data[start + 8 : start + 40] = b"\xff" * 32
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize(

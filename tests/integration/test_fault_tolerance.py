@@ -21,8 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.rescore import main
-from tests.data.test_batch_functions import damage_data_page
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, damage_data_page
 from tests.integration.processes import session_pids, stop_cluster, titled
 
 pytestmark = pytest.mark.integration

@@ -29,10 +29,9 @@ import pytest
 import yaml
 
 from reranker.model import sigmoid
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, pairs_table
 from tests.integration.conftest import free_port
 from tests.integration.processes import stop_cluster
-from tests.integration.test_rescore_job import pairs_table
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent

@@ -7,21 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.rescore import main
+from tests.helpers import damage_data_page, pairs_table
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
-
-QUERIES = ["how do solar panels work", "what causes seasons", "basil plant water"]
-PASSAGES = ["solar panels convert sunlight", "the tilt of the earth axis", "water basil when dry", "bananas"]
-
-
-def pairs_table(copies: int = 1) -> pa.Table:
-    rows = [
-        {"qid": q, "pid": q * 10 + p, "query": query, "passage": passage, "lang": "en"}
-        for _ in range(copies)
-        for q, query in enumerate(QUERIES)
-        for p, passage in enumerate(PASSAGES)
-    ]
-    return pa.Table.from_pylist(rows)
 
 
 def run_job(capsys, model_dir, *args: str) -> tuple[int, str, str]:
@@ -269,8 +257,6 @@ def test_a_resume_with_other_model_weights_is_refused(tmp_path, capsys, tiny_mod
 def test_every_unit_bad_mid_run_ends_like_an_empty_input(tmp_path, capsys, tiny_model_dir, group):
     """--on-bad-file skip with every file damaged behind a valid footer: one empty file with the full
     schema, the report, exit 0."""
-    from tests.data.test_batch_functions import damage_data_page
-
     (tmp_path / "in").mkdir()
     for part in range(2):
         path = tmp_path / "in" / f"part-{part}.parquet"
