@@ -1,4 +1,4 @@
-"""Exactly-once output: atomic file commits, the job manifest a rerun trusts, storage retries.
+"""Exactly-once output: atomic file commits and the output directory's layout (manifest: ``jobs.manifest``).
 
 Layout of an output directory (names starting with ``_`` are hidden from Parquet readers):
 
@@ -19,7 +19,6 @@ import logging
 import posixpath
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,7 +29,6 @@ from reranker.errors import OutputError
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "_rescore_job.json"
 SUCCESS_NAME = "_SUCCESS"
 SKIPPED_NAME = "_skipped_files.json"
 TMP_DIR = "_tmp"
@@ -94,59 +92,3 @@ def remove_files(location: Location, names: Sequence[str]) -> None:
         path = posixpath.join(location.path, name)
         if location.fs.exists(path):
             with_retries(functools.partial(location.fs.rm, path, recursive=True), f"deleting {path}")
-
-
-def write_json(location: Location, name: str, value: Any) -> None:
-    """Write a small JSON file atomically (one PUT, or temp file + rename)."""
-    data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
-    final = posixpath.join(location.path, name)
-
-    def write() -> None:
-        if not location.is_local:
-            location.fs.pipe_file(final, data)
-            return
-        location.fs.makedirs(location.path, exist_ok=True)
-        temporary = f"{final}.{uuid.uuid4().hex}.tmp"
-        with location.fs.open(temporary, "wb") as handle:
-            handle.write(data)
-        location.fs.mv(temporary, final)
-
-    with_retries(write, f"writing {final}")
-
-
-def read_json(location: Location, name: str) -> Any | None:
-    """A JSON file under ``location``, or None when absent (transient storage errors are retried)."""
-    path = posixpath.join(location.path, name)
-
-    def read() -> Any | None:
-        location.fs.invalidate_cache(location.path)
-        if not location.fs.exists(path):
-            return None
-        with location.fs.open(path, "rb") as handle:
-            return json.loads(handle.read())
-
-    return with_retries(read, f"reading {path}")
-
-
-def changed_fields(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """What differs between two manifests, each item naming the field and both values."""
-    changes = []
-    for key in sorted(set(previous) | set(current)):
-        if key == "input_files":
-            changes.extend(_changed_files(previous.get(key) or [], current.get(key) or []))
-        elif previous.get(key) != current.get(key):
-            changes.append(f"{key} ({previous.get(key)!r} -> {current.get(key)!r})")
-    return changes
-
-
-def _changed_files(previous: Sequence[Mapping[str, Any]], current: Sequence[Mapping[str, Any]]) -> list[str]:
-    before = {entry["path"]: entry for entry in previous}
-    after = {entry["path"]: entry for entry in current}
-    changes = [f"input file {path} added" for path in sorted(set(after) - set(before))]
-    changes += [f"input file {path} removed" for path in sorted(set(before) - set(after))]
-    changes += [
-        f"input file {path} changed (size or version)"
-        for path in sorted(set(before) & set(after))
-        if before[path] != after[path]
-    ]
-    return changes

@@ -26,10 +26,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from jobs.settings import EvaluateSettings
 from jobs.storage import check_present_columns, find_input_files, read_footers
 from jobs.trec import RUN_CHUNK_ROWS, iter_run_file, read_qrels
 from reranker.errors import ConfigError, InputError, RerankError
-from reranker.settings import EvaluateSettings, add_settings_arguments, overrides_from_args
+from reranker.settings import add_settings_arguments, overrides_from_args
 
 DEPTH = 100  # the deepest cutoff of any reported measure
 _RUN_DTYPES = {"query_id": "str", "doc_id": "str", "score": "float64"}

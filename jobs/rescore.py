@@ -13,60 +13,30 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
-import posixpath
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import pyarrow as pa
 import ray
 import ray.data
 
-from jobs.commit import (
-    MANIFEST_NAME,
-    SKIPPED_NAME,
-    SUCCESS_NAME,
-    TMP_DIR,
-    changed_fields,
-    committed_counts,
-    list_names,
-    read_json,
-    remove_files,
-    write_json,
-)
-from jobs.scoring import (
-    POSITION_COLUMN,
-    ActorPoolPlan,
-    ScoreUnits,
-    alive_node_resources,
-    commit_units,
-    object_store_budget,
-    plan_actor_pool,
-    rank_group,
-    tokenize_units,
-    unit_rows,
-)
+from jobs.commit import SKIPPED_NAME, SUCCESS_NAME, TMP_DIR, committed_counts, list_names, remove_files
+from jobs.manifest import MANIFEST_NAME, job_manifest, pinned_model, resume_or_start, write_json
+from jobs.ranking import POSITION_COLUMN, RANKING_DIR, rank_scored
+from jobs.resources import ActorPoolPlan, alive_node_resources, object_store_budget, plan_actor_pool
+from jobs.scoring import ScoreUnits, commit_units, tokenize_units, unit_rows
+from jobs.settings import JobSettings, RescoreSettings
 from jobs.storage import InputPlan, Location, count_rows, inspect_input, prepare_output, write_empty_output
 from jobs.units import WorkUnit, plan_units
-from reranker.errors import ConfigError, InputError, OutputError, RerankError
+from reranker.errors import ConfigError, InputError, RerankError
 from reranker.loading import check_loadable, model_version
-from reranker.settings import (
-    JobSettings,
-    ModelSettings,
-    RescoreSettings,
-    add_settings_arguments,
-    overrides_from_args,
-)
+from reranker.settings import add_settings_arguments, overrides_from_args
 
 logger = logging.getLogger("jobs.rescore")
-ROWS_PER_RANK_PARTITION = 100_000
-MAX_RANK_PARTITIONS = 200
 ACTOR_INIT_DEATHS = 3  # scoring actors that may die while loading before the job fails (Ray's default: 0)
 SCORED_DIR = "_scored"
-RANKING_DIR = "_ranking"
 
 
 @dataclass(frozen=True)
@@ -100,40 +70,6 @@ def output_schema(input_schema: pa.Schema, job: JobSettings) -> pa.Schema:
     """Input columns, then the float32 score column, then ``rank`` when asked for."""
     schema = input_schema.append(pa.field(job.score_column, pa.float32()))
     return schema.append(pa.field("rank", pa.int32())) if job.rank else schema
-
-
-def job_manifest(settings: RescoreSettings, plan: InputPlan, version: str) -> dict[str, Any]:
-    """Everything that decides the output's content; a rerun resumes only if it is unchanged.
-
-    ``version`` is what was actually loaded (``reranker.loading.model_version``): an unpinned hub
-    model whose ``main`` moved, or a directory with new weights, is a different job.
-    """
-    model, job = settings.model, settings.job
-    scoring = model.model_dump(include={"model", "revision", "precision", "max_length", "activation"})
-    layout = job.model_dump(
-        include={
-            "query_column",
-            "passage_column",
-            "score_column",
-            "group_column",
-            "rank",
-            "top_k",
-            "rows_per_unit",
-        }
-    )
-    return {
-        **scoring,
-        **layout,
-        "model_version": version,
-        "input": plan.location.path,
-        "input_files": plan.file_versions(),
-    }
-
-
-def pinned_model(model: ModelSettings, version: str) -> ModelSettings:
-    """The model settings the workers load: a hub model pinned to the commit the driver resolved."""
-    commit = version.removeprefix("hub:")
-    return model.model_copy(update={"revision": commit}) if version.startswith("hub:") else model
 
 
 def run(settings: RescoreSettings) -> JobSummary:
@@ -178,41 +114,6 @@ def run(settings: RescoreSettings) -> JobSummary:
         rank_scored(scored_at, kept, output, job, plan.num_rows)
     scored_now = sum(counts[unit.name]["scored"] for unit in todo if unit.name in counts)
     return finish(output, counts, (len(units), len(committed), scored_now), bad_files, started)
-
-
-def resume_or_start(output: Location, manifest: dict[str, Any], uri: str) -> dict[str, Any] | None:
-    """Record the manifest of a new output, or check a rerun against it.
-
-    Returns:
-        The stored summary when the output is already complete, else None.
-
-    Raises:
-        OutputError: The output was made by a different job; the message names what changed.
-
-    """
-    previous = read_json(output, MANIFEST_NAME)
-    if previous is None:
-        write_json(output, MANIFEST_NAME, manifest)
-        return None
-    changes = changed_fields(previous, manifest)
-    if changes:
-        raise OutputError(
-            f"output {uri} holds a run with different settings: {'; '.join(changes[:3])}"
-            f"{f' (+{len(changes) - 3} more)' if len(changes) > 3 else ''}; pass --overwrite to start fresh"
-        )
-    done = read_json(output, SUCCESS_NAME)
-    return None if done is None else {key: done[key] for key in _STORED_SUMMARY}
-
-
-_STORED_SUMMARY = (
-    "rows_read",
-    "rows_written",
-    "pairs_scored",
-    "null_scores",
-    "pairs_truncated",
-    "units",
-    "files_skipped",
-)
 
 
 def score_units(
@@ -323,38 +224,6 @@ def build_pipeline(
     )
 
 
-def rank_scored(
-    scored_at: Location, names: Sequence[str], output: Location, job: JobSettings, num_rows: int
-) -> None:
-    """Second phase of a ranked job: rank each query's rows and write the final files.
-
-    Redone whole on a resume (scoring is what is expensive): files are written to a staging
-    directory and moved into the output; ``_SUCCESS`` marks the end.
-    """
-    remove_files(output, [name for name in list_names(output, prefix="") if not name.startswith("_")])
-    staging = output.child(RANKING_DIR)
-    if staging.fs.exists(staging.path):
-        staging.fs.rm(staging.path, recursive=True)
-    paths = [posixpath.join(scored_at.path, name) for name in names]
-    scored = ray.data.read_parquet(paths, filesystem=scored_at.arrow_filesystem(), num_cpus=job.io_cpus)
-    ranked = scored.groupby(job.group_column, num_partitions=rank_partitions(num_rows)).map_groups(
-        rank_group,  # type: ignore[arg-type]  # its extra parameters are bound by fn_kwargs
-        fn_kwargs={
-            "score_column": job.score_column,
-            "position_column": POSITION_COLUMN,
-            "add_rank": job.rank,
-            "top_k": job.top_k,
-        },
-        batch_format="pyarrow",
-        num_cpus=job.io_cpus,
-    )
-    ranked.write_parquet(
-        staging.path, filesystem=staging.arrow_filesystem(), ray_remote_args={"num_cpus": job.io_cpus}
-    )
-    for path in staging.fs.find(staging.path):
-        staging.fs.mv(path, posixpath.join(output.path, posixpath.basename(path)))
-
-
 def finish(
     output: Location,
     counts: Mapping[str, Mapping[str, int]],
@@ -397,14 +266,6 @@ def finish(
             working.fs.rm(working.path, recursive=True)
     write_json(output, SUCCESS_NAME, dataclasses.asdict(summary))
     return summary
-
-
-def rank_partitions(num_rows: int) -> int:
-    """Hash partitions for the per-query ranking: one per ``ROWS_PER_RANK_PARTITION`` rows, at most 200.
-
-    Ray Data's default is always 200, which makes a small job run 200 reduce tasks.
-    """
-    return max(1, min(MAX_RANK_PARTITIONS, math.ceil(num_rows / ROWS_PER_RANK_PARTITION)))
 
 
 def _text_columns(job: JobSettings) -> list[str]:

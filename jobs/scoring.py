@@ -1,4 +1,4 @@
-"""The Ray side of the job: actor pool sizing and the three stages a work unit goes through.
+"""The three stages a work unit goes through (pool sizing: ``jobs.resources``; ranking: ``jobs.ranking``).
 
 Each row of the job's dataset is one work unit: ``tokenize_units`` (CPU tasks) reads its rows and
 tokenizes them, ``ScoreUnits`` (actors, one per GPU or a share of a node's CPUs) runs the model,
@@ -10,146 +10,25 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
-import math
 import os
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from jobs.commit import commit_table
+from jobs.ranking import input_positions
 from jobs.retries import is_transient, with_retries
 from jobs.storage import Location
 from jobs.units import WorkUnit, read_unit
-from reranker.settings import JobSettings, ModelOptions
+from reranker.settings import ModelOptions
 from reranker.tokenizer import EncodedPairs, PairTokenizer
 
 if TYPE_CHECKING:
     from reranker.model import CrossEncoderModel
-
-MAX_CPUS_PER_ACTOR = 4.0
-# In flight per row, measured on MS MARCO text: ~0.45 KiB of text (it travels twice), ~0.8 KiB of tokens.
-UNIT_BYTES_PER_ROW = 2048
-MIN_OBJECT_STORE_BYTES = 512 * 2**20
-POSITION_COLUMN = "__rerank_position__"  # a ranked job's tie-breaker: the row's place in the input
-_ROWS_PER_FILE_BITS = 40  # position = file index * 2**40 + row in the file
-
-
-class PoolSizing(Protocol):
-    """What a caller asks of the scoring actor pool (``JobSettings`` is one); None: from the cluster."""
-
-    @property
-    def num_actors(self) -> int | None: ...  # noqa: D102
-
-    @property
-    def cpus_per_actor(self) -> float | None: ...  # noqa: D102
-
-    @property
-    def gpus_per_actor(self) -> float | None: ...  # noqa: D102
-
-    @property
-    def io_cpus(self) -> float: ...  # noqa: D102
-
-
-@dataclass(frozen=True)
-class PoolRequest:
-    """A ``PoolSizing`` given as plain values (the Ray Data stage's arguments)."""
-
-    num_actors: int | None = None
-    cpus_per_actor: float | None = None
-    gpus_per_actor: float | None = None
-    io_cpus: float = 1.0
-
-
-@dataclass(frozen=True)
-class ActorPoolPlan:
-    """How many scoring actors to start and what each one reserves."""
-
-    num_actors: int
-    cpus_per_actor: float
-    gpus_per_actor: float
-    torch_threads: int
-    tokenize_tasks: int = 1
-
-
-def plan_actor_pool(
-    nodes: Sequence[Mapping[str, float]], settings: PoolSizing, torch_threads: int | None = None
-) -> ActorPoolPlan:
-    """Size the actor pool from per-node resources.
-
-    One actor per GPU when the cluster has GPUs. Otherwise CPU actors of at most
-    ``MAX_CPUS_PER_ACTOR`` CPUs that leave ``io_cpus`` unreserved on every node, so listing, read
-    and write tasks can always be scheduled (an actor pool that takes every CPU deadlocks).
-    torch threads default to the node's cores shared among its actors: Ray would otherwise cap
-    them at the reserved CPUs through ``OMP_NUM_THREADS``.
-
-    Args:
-        nodes: Resources of each alive node, e.g. ``{"CPU": 16.0, "GPU": 1.0}``.
-        settings: Explicit ``num_actors`` / ``cpus_per_actor`` / ``gpus_per_actor`` win over the
-            derived values.
-        torch_threads: The model setting; when given it wins over the derived thread count.
-
-    """
-    total_gpus = sum(node.get("GPU", 0.0) for node in nodes)
-    use_gpus = settings.gpus_per_actor if settings.gpus_per_actor is not None else total_gpus > 0
-    if use_gpus:
-        gpus = settings.gpus_per_actor or 1.0
-        cpus = settings.cpus_per_actor or 1.0
-        fitting = sum(math.floor(node.get("GPU", 0.0) / gpus) for node in nodes)
-        threads = max(1, round(cpus))
-    else:
-        gpus = 0.0
-        node_cpus = max((node.get("CPU", 0.0) for node in nodes), default=1.0)
-        spare = max(node_cpus - settings.io_cpus, 0.0)
-        per_node = max(1, math.ceil(spare / MAX_CPUS_PER_ACTOR))
-        cpus = settings.cpus_per_actor or max(spare / per_node, 0.1)
-        fitting = sum(
-            max(0, math.floor((node.get("CPU", 0.0) - settings.io_cpus) / cpus + 1e-9)) for node in nodes
-        )
-        threads = max(1, round(node_cpus / max(1, math.floor(spare / cpus + 1e-9))))
-    num_actors = settings.num_actors or max(1, fitting)
-    return ActorPoolPlan(
-        num_actors,
-        cpus,
-        gpus,
-        torch_threads or threads,
-        _tokenize_slots(nodes, num_actors * cpus, settings.io_cpus),
-    )
-
-
-def object_store_budget(pool: ActorPoolPlan, settings: JobSettings) -> int:
-    """Bytes of object store the job's units in flight may take (Ray Data's default: half the store).
-
-    Two units per tokenize task and per actor keep every stage fed; more only queues tokenized units
-    ahead of the actors, which costs memory and buys no speed.
-    """
-    if settings.object_store_mib is not None:
-        return settings.object_store_mib * 2**20
-    slots = pool.num_actors + pool.tokenize_tasks
-    return max(MIN_OBJECT_STORE_BYTES, 2 * slots * settings.rows_per_unit * UNIT_BYTES_PER_ROW)
-
-
-def _tokenize_slots(nodes: Sequence[Mapping[str, float]], actor_cpus: float, io_cpus: float) -> int:
-    """Concurrent tokenization tasks: the CPUs the scoring actors leave, one slot per ``io_cpus``.
-
-    On a GPU node that is most of its cores (a GPU scores far faster than one core tokenizes);
-    on a CPU node it is the ``io_cpus`` share left beside the actors.
-    """
-    free = sum(node.get("CPU", 0.0) for node in nodes) - actor_cpus
-    return max(1, math.floor(free / io_cpus + 1e-9))
-
-
-def alive_node_resources() -> list[dict[str, float]]:
-    """Resources of the alive nodes of the Ray cluster (embedded Ray is started if none is connected)."""
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
-    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
 def valid_text_mask(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -351,27 +230,3 @@ def commit_units(batch: pa.Table, destination: Location) -> pa.Table:
             row["timings"] = json.dumps(timings)
         rows.append({key: row[key] for key in COMMITTED_SCHEMA.names})
     return pa.Table.from_pylist(rows, schema=COMMITTED_SCHEMA)
-
-
-def input_positions(unit: WorkUnit) -> pa.Array:
-    """Each row's place in the whole input (file order, then row order), as int64."""
-    first = (unit.file_index << _ROWS_PER_FILE_BITS) + unit.row_start
-    return pa.array(np.arange(first, first + unit.num_rows, dtype=np.int64))
-
-
-def rank_group(
-    group: pa.Table, score_column: str, position_column: str, add_rank: bool, top_k: int | None
-) -> pa.Table:
-    """Ray Data group function: one query's rows best first (null scores last), ranked, cut to k.
-
-    Equal scores keep their input order (``position_column``, dropped from the result), so every
-    run, and the redo of a run, keeps and ranks the same rows.
-    """
-    ordered = group.sort_by([(score_column, "descending"), (position_column, "ascending")])
-    ordered = ordered.drop_columns([position_column])
-    if top_k is not None:
-        ordered = ordered.slice(0, top_k)
-    if not add_rank:
-        return ordered
-    ranks = pa.array(np.arange(1, ordered.num_rows + 1, dtype=np.int32))
-    return ordered.append_column("rank", pc.if_else(ordered.column(score_column).is_valid(), ranks, None))

@@ -17,15 +17,8 @@ from __future__ import annotations
 import pyarrow as pa
 import ray.data
 
-from jobs.scoring import (
-    PoolRequest,
-    ScoreUnits,
-    alive_node_resources,
-    plan_actor_pool,
-    score_tokens,
-    tokenize_table,
-    tokenizer_for,
-)
+from jobs.resources import PoolRequest, alive_node_resources, plan_actor_pool
+from jobs.scoring import ScoreUnits, score_tokens, tokenize_table, tokenizer_for
 from reranker.errors import InputError
 from reranker.loading import check_loadable
 from reranker.settings import DEFAULT_MODEL, ModelOptions

@@ -1,7 +1,7 @@
 """Domain errors shared by the offline job and the online service.
 
 Each error carries a stable ``error_type`` string. The job turns these into one-line
-messages and a non-zero exit; the HTTP edge (``serve/errors.py``) maps them to statuses.
+messages and a non-zero exit; a program's edge maps them to its own answers.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Pipeline per call: tokenize all pairs once (truncating to ``max_length``) -> plan length-aware
 batches -> forward each batch -> post-process (relevance logit, the call's activation) -> input order.
 Only this class touches the tokenizer and the weights; every per-call option is an argument, so
-concurrent callers (a Serve replica's requests) never change each other's results.
+concurrent callers (the requests of a service) never change each other's results.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Settings: one frozen object per process, composed of sections.
 
-``ModelSettings`` (how to load and run the model) is shared; the job adds ``JobSettings`` and the
-service ``ServingSettings``. Every setting name has one meaning and one default, written here.
+``ModelSettings`` (how to load and run the model) is shared; each program composes it with its own
+section (``jobs.settings``, ``serve.settings``). Every setting name has one meaning and one default.
 Precedence, highest first: CLI flags (passed as keyword overrides), ``RERANK_*`` environment
 variables, the YAML config file (``--config`` / ``RERANK_CONFIG``), then the defaults below.
 """
@@ -18,7 +18,7 @@ from typing import Any, Literal, Self, Union, get_args, get_origin
 import fsspec
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from reranker.errors import ConfigError
@@ -94,13 +94,13 @@ class ModelOptions(BaseModel):
     max_length: int = Field(512, ge=8, description="Max tokens per pair, capped by the model.")
     activation: Activation = Field(
         "none",
-        description="Job scores: raw logits (none) or sigmoid. Not for the service (its APIs define theirs).",
+        description="Scores as raw logits (none) or sigmoid (a program may define its own).",
     )
     max_batch_tokens: int | None = Field(
         None, ge=64, description="Padded-token budget per forward pass (auto: CPU 4096, GPU 65536)."
     )
     max_batch_pairs: int = Field(
-        1024, ge=1, description="Max pairs per model batch (the service coalesces requests up to it)."
+        1024, ge=1, description="Max pairs per model batch (forward passes are cut to it)."
     )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (auto).")
     cls_only_last_layer: bool = Field(
@@ -112,66 +112,6 @@ class ModelOptions(BaseModel):
 
 class ModelSettings(ModelOptions, SettingsSection):  # type: ignore[misc]  # both configs merge
     """The model's settings section of a program: ``ModelOptions`` from flags, ``RERANK_*`` and files."""
-
-
-class JobSettings(SettingsSection):
-    """What the offline rescoring job reads and writes, and how it sizes its actor pool."""
-
-    input: str | None = Field(None, description="Parquet file, directory or glob (any fsspec URI).")
-    output: str | None = Field(None, description="Output Parquet dataset directory (fsspec URI).")
-    query_column: str = Field("query", description="Column holding the query text.")
-    passage_column: str = Field("passage", description="Column holding the passage text.")
-    score_column: str = Field("score", description="Name of the float32 score column to add.")
-    group_column: str | None = Field(None, description="Query-id column for --rank / --top-k.")
-    rank: bool = Field(False, description="Add a 1-based 'rank' column within each group.")
-    top_k: int | None = Field(None, ge=1, description="Keep only the k best rows of each group.")
-    rows_per_unit: int = Field(
-        50_000, ge=1, description="Rows per work unit: the grain of scoring, commit and resume."
-    )
-    on_bad_file: Literal["fail", "skip"] = Field(
-        "fail",
-        description="An unreadable input file stops the job (fail) or is left out and reported (skip).",
-    )
-    num_actors: int | None = Field(None, ge=1, description="Scoring actors (auto from cluster).")
-    cpus_per_actor: float | None = Field(None, gt=0, description="CPUs per actor (auto).")
-    gpus_per_actor: float | None = Field(None, ge=0, description="GPUs per actor (auto: 1 if GPUs).")
-    io_cpus: float = Field(
-        1.0, gt=0, description="CPUs per read/write task, left unreserved by actors on each node."
-    )
-    object_store_mib: int | None = Field(
-        None,
-        ge=64,
-        description="Object-store MiB the job may fill with units in flight (auto: 2 units per "
-        "actor and tokenize task, at least 512).",
-    )
-    overwrite: bool = Field(False, description="Replace an existing, non-empty output.")
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options (JSON), e.g. endpoint_url for S3."
-    )
-
-    @model_validator(mode="after")
-    def _grouping_needs_group_column(self) -> Self:
-        if (self.rank or self.top_k is not None) and not self.group_column:
-            raise ValueError("--rank and --top-k need --group-column (the query-id column)")
-        return self
-
-
-class ServingSettings(SettingsSection):
-    """The online service's own settings; the batching ones also change through ``user_config``."""
-
-    served_model_name: str | None = Field(None, description="Model name clients send (default: model).")
-    api_key: pydantic.SecretStr | None = Field(None, description="Require 'Authorization: Bearer KEY'.")
-    max_documents: int = Field(1000, ge=1, description="Max documents (or pairs) per request.")
-    max_document_chars: int = Field(20_000, ge=1, description="Max characters per document/query.")
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Max request body size.")
-    batch_wait_timeout_s: float = Field(
-        0.0, ge=0, description="Extra wait for requests to batch (batches also form while the model is busy)."
-    )
-    max_pending_pairs: int = Field(8192, ge=1, description="Queue bound per replica; past it: 503.")
-    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds on 503 overload answers.")
-    health_probe_interval_s: float = Field(
-        10.0, gt=0, description="Health checks probe the model at most this often (a scored batch counts)."
-    )
 
 
 class ComposedSettings(BaseModel):
@@ -227,59 +167,6 @@ def describe_validation_error(exc: pydantic.ValidationError) -> str:
         name = ".".join(str(part) for part in error["loc"])
         problems.append(f"{name}: {message}" if name else message)
     return "invalid settings: " + "; ".join(problems)
-
-
-class RescoreSettings(ComposedSettings):
-    """Settings of the offline rescoring job (``python -m jobs.rescore``)."""
-
-    model: ModelSettings
-    job: JobSettings
-
-
-class ServeSettings(ComposedSettings):
-    """Settings of the online service (``serve/``)."""
-
-    model: ModelSettings
-    serving: ServingSettings
-
-    @model_validator(mode="after")
-    def _no_model_activation(self) -> Self:
-        if self.model.activation != "none":
-            raise ValueError(
-                "activation: not a service setting; each API defines its scores (/v1/rerank: sigmoid "
-                "relevance; /rerank and /score: raw_scores per request), so leave it unset"
-            )
-        return self
-
-    @property
-    def served_model_name(self) -> str:
-        """The name clients send and see: ``served_model_name``, else the model id."""
-        return self.serving.served_model_name or self.model.model
-
-
-class EvaluateSettings(SettingsSection):
-    """Settings of the evaluation job (``python -m jobs.evaluate``); env prefix ``RERANK_EVAL_``."""
-
-    model_config = SettingsConfigDict(env_prefix="RERANK_EVAL_", frozen=True, extra="forbid")
-
-    scores: str | None = Field(None, description="Scored Parquet file, directory or glob (fsspec URI).")
-    run: str | None = Field(None, description="TREC run file (qid Q0 docno rank score tag) instead.")
-    qrels: str | None = Field(None, description="TREC qrels file (qid 0 docno grade).")
-    query_column: str = Field("qid", description="Query-id column of --scores.")
-    doc_column: str = Field("pid", description="Document-id column of --scores.")
-    score_column: str = Field("score", description="Score column of --scores.")
-    relevance_threshold: int = Field(2, ge=1, description="Lowest grade counted relevant by mrr and recall.")
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options (JSON), e.g. endpoint_url for S3."
-    )
-
-    @model_validator(mode="after")
-    def _one_run_and_qrels(self) -> Self:
-        if (self.scores is None) == (self.run is None):
-            raise ValueError("give exactly one of --scores (Parquet) and --run (TREC run file)")
-        if not self.qrels:
-            raise ValueError("--qrels is required")
-        return self
 
 
 def _cli_type(annotation: Any) -> tuple[Any, Sequence[str] | None, bool]:

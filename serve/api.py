@@ -28,7 +28,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reranker.errors import RerankError
 from reranker.model import sigmoid
-from reranker.settings import ServeSettings
 from serve.engine import RerankEngine, Truncation
 from serve.errors import (
     AuthenticationError,
@@ -60,6 +59,7 @@ from serve.schemas import (
     TEIRerankRequest,
     Usage,
 )
+from serve.settings import ServeSettings
 
 Body = TypeVar("Body", bound=RerankRequest | TEIRerankRequest | ScoreRequest)
 logger = logging.getLogger("ray.serve")

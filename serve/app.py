@@ -17,10 +17,11 @@ from ray import serve
 from ray.serve import Application
 
 from reranker.model import CrossEncoderModel
-from reranker.settings import ModelSettings, ServeSettings
+from reranker.settings import ModelSettings
 from serve.api import RerankService, create_api
 from serve.engine import BatchingConfig, RerankEngine
 from serve.metrics import RerankMetrics
+from serve.settings import ServeSettings
 
 logger = logging.getLogger("ray.serve")
 api = create_api()

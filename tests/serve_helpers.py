@@ -11,10 +11,10 @@ import httpx
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from reranker.settings import ServeSettings
 from serve.api import RerankService, create_api
 from serve.app import batching_config
 from serve.engine import RerankEngine
+from serve.settings import ServeSettings
 
 T = TypeVar("T")
 

@@ -5,13 +5,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.ranking import POSITION_COLUMN, input_positions, rank_group
 from jobs.scoring import (
-    POSITION_COLUMN,
     ScoreUnits,
     commit_units,
     encoded_from_table,
-    input_positions,
-    rank_group,
     tokenize_table,
     tokenize_units,
     unit_rows,

@@ -7,7 +7,8 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from jobs import retries
-from jobs.commit import changed_fields, commit_table, committed_counts, read_json, write_json
+from jobs.commit import commit_table, committed_counts
+from jobs.manifest import changed_fields, read_json, write_json
 from jobs.retries import is_transient, with_retries
 from jobs.storage import Location
 

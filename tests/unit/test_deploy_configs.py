@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from jobs.rescore import parse_args
-from reranker.settings import RescoreSettings, overrides_from_args
+from jobs.settings import RescoreSettings
+from reranker.settings import overrides_from_args
 from tests.helpers import REPO_ROOT, SHARED, require
 
 pytestmark = pytest.mark.unit

@@ -10,9 +10,9 @@ import torch
 
 from reranker.errors import ConfigError
 from reranker.model import CrossEncoderModel
-from reranker.settings import ServeSettings
 from serve import app as serve_app
 from serve.engine import BatchingConfig, RerankEngine, Truncation
+from serve.settings import ServeSettings
 from tests.serve_helpers import InstrumentedModel, RecordingMetrics
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("serve_batch_outside_serve")]

@@ -4,10 +4,10 @@ import pytest
 import ray.data
 import torch
 
-from jobs.scoring import plan_actor_pool
+from jobs.resources import plan_actor_pool
+from jobs.settings import RescoreSettings
 from reranker.errors import ConfigError
 from reranker.model import default_batch_tokens, resolve_device, resolve_dtype
-from reranker.settings import RescoreSettings
 
 pytestmark = pytest.mark.unit
 
@@ -102,7 +102,7 @@ def test_zero_cpu_head_node_adds_no_actors():
 
 def test_rank_partitions_follow_the_input_size():
     """Small inputs rank in one partition (not Ray Data's fixed 200); large ones spread out, capped."""
-    from jobs.rescore import rank_partitions
+    from jobs.ranking import rank_partitions
 
     assert [rank_partitions(n) for n in (0, 36, 100_000, 100_001, 10**9)] == [1, 1, 1, 2, 200]
 
@@ -122,7 +122,7 @@ def test_two_core_machine_tokenizes_beside_its_one_actor():
 
 def test_object_store_budget_holds_two_units_per_stage_slot():
     """Units in flight are bounded by two per actor and tokenize task, not by the input's size."""
-    from jobs.scoring import MIN_OBJECT_STORE_BYTES, UNIT_BYTES_PER_ROW, object_store_budget
+    from jobs.resources import MIN_OBJECT_STORE_BYTES, UNIT_BYTES_PER_ROW, object_store_budget
 
     job = RescoreSettings.load().job
     laptop = plan_actor_pool([{"CPU": 2.0}], job)

@@ -2,15 +2,10 @@ import argparse
 
 import pytest
 
+from jobs.settings import RescoreSettings
 from reranker.errors import ConfigError
-from reranker.settings import (
-    DEFAULT_MODEL,
-    ModelSettings,
-    RescoreSettings,
-    ServeSettings,
-    add_settings_arguments,
-    overrides_from_args,
-)
+from reranker.settings import DEFAULT_MODEL, ModelSettings, add_settings_arguments, overrides_from_args
+from serve.settings import ServeSettings
 
 pytestmark = pytest.mark.unit
 

@@ -1,0 +1,148 @@
+"""The job manifest a rerun trusts: what decides an output's content, and the check before a resume.
+
+``_rescore_job.json`` is written first into a new output; a rerun resumes only if its own manifest is
+the same (model version, scoring settings, layout, input files), and a finished output (``_SUCCESS``)
+is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from jobs.commit import SUCCESS_NAME
+from jobs.retries import with_retries
+from jobs.settings import RescoreSettings
+from jobs.storage import InputPlan, Location
+from reranker.errors import OutputError
+from reranker.settings import ModelSettings
+
+MANIFEST_NAME = "_rescore_job.json"
+
+
+def job_manifest(settings: RescoreSettings, plan: InputPlan, version: str) -> dict[str, Any]:
+    """Everything that decides the output's content; a rerun resumes only if it is unchanged.
+
+    ``version`` is what was actually loaded (``reranker.loading.model_version``): an unpinned hub
+    model whose ``main`` moved, or a directory with new weights, is a different job.
+    """
+    model, job = settings.model, settings.job
+    scoring = model.model_dump(include={"model", "revision", "precision", "max_length", "activation"})
+    layout = job.model_dump(
+        include={
+            "query_column",
+            "passage_column",
+            "score_column",
+            "group_column",
+            "rank",
+            "top_k",
+            "rows_per_unit",
+        }
+    )
+    return {
+        **scoring,
+        **layout,
+        "model_version": version,
+        "input": plan.location.path,
+        "input_files": plan.file_versions(),
+    }
+
+
+def pinned_model(model: ModelSettings, version: str) -> ModelSettings:
+    """The model settings the workers load: a hub model pinned to the commit the driver resolved."""
+    commit = version.removeprefix("hub:")
+    return model.model_copy(update={"revision": commit}) if version.startswith("hub:") else model
+
+
+def resume_or_start(output: Location, manifest: dict[str, Any], uri: str) -> dict[str, Any] | None:
+    """Record the manifest of a new output, or check a rerun against it.
+
+    Returns:
+        The stored summary when the output is already complete, else None.
+
+    Raises:
+        OutputError: The output was made by a different job; the message names what changed.
+
+    """
+    previous = read_json(output, MANIFEST_NAME)
+    if previous is None:
+        write_json(output, MANIFEST_NAME, manifest)
+        return None
+    changes = changed_fields(previous, manifest)
+    if changes:
+        raise OutputError(
+            f"output {uri} holds a run with different settings: {'; '.join(changes[:3])}"
+            f"{f' (+{len(changes) - 3} more)' if len(changes) > 3 else ''}; pass --overwrite to start fresh"
+        )
+    done = read_json(output, SUCCESS_NAME)
+    return None if done is None else {key: done[key] for key in _STORED_SUMMARY}
+
+
+_STORED_SUMMARY = (
+    "rows_read",
+    "rows_written",
+    "pairs_scored",
+    "null_scores",
+    "pairs_truncated",
+    "units",
+    "files_skipped",
+)
+
+
+def write_json(location: Location, name: str, value: Any) -> None:
+    """Write a small JSON file atomically (one PUT, or temp file + rename)."""
+    data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+    final = posixpath.join(location.path, name)
+
+    def write() -> None:
+        if not location.is_local:
+            location.fs.pipe_file(final, data)
+            return
+        location.fs.makedirs(location.path, exist_ok=True)
+        temporary = f"{final}.{uuid.uuid4().hex}.tmp"
+        with location.fs.open(temporary, "wb") as handle:
+            handle.write(data)
+        location.fs.mv(temporary, final)
+
+    with_retries(write, f"writing {final}")
+
+
+def read_json(location: Location, name: str) -> Any | None:
+    """A JSON file under ``location``, or None when absent (transient storage errors are retried)."""
+    path = posixpath.join(location.path, name)
+
+    def read() -> Any | None:
+        location.fs.invalidate_cache(location.path)
+        if not location.fs.exists(path):
+            return None
+        with location.fs.open(path, "rb") as handle:
+            return json.loads(handle.read())
+
+    return with_retries(read, f"reading {path}")
+
+
+def changed_fields(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """What differs between two manifests, each item naming the field and both values."""
+    changes = []
+    for key in sorted(set(previous) | set(current)):
+        if key == "input_files":
+            changes.extend(_changed_files(previous.get(key) or [], current.get(key) or []))
+        elif previous.get(key) != current.get(key):
+            changes.append(f"{key} ({previous.get(key)!r} -> {current.get(key)!r})")
+    return changes
+
+
+def _changed_files(previous: Sequence[Mapping[str, Any]], current: Sequence[Mapping[str, Any]]) -> list[str]:
+    before = {entry["path"]: entry for entry in previous}
+    after = {entry["path"]: entry for entry in current}
+    changes = [f"input file {path} added" for path in sorted(set(after) - set(before))]
+    changes += [f"input file {path} removed" for path in sorted(set(before) - set(after))]
+    changes += [
+        f"input file {path} changed (size or version)"
+        for path in sorted(set(before) & set(after))
+        if before[path] != after[path]
+    ]
+    return changes

@@ -1,0 +1,49 @@
+"""The service's settings: its own section composed with the model's (resolved in each replica)."""
+
+from __future__ import annotations
+
+from typing import Self
+
+import pydantic
+from pydantic import Field, model_validator
+
+from reranker.settings import ComposedSettings, ModelSettings, SettingsSection
+
+
+class ServingSettings(SettingsSection):
+    """The online service's own settings; the batching ones also change through ``user_config``."""
+
+    served_model_name: str | None = Field(None, description="Model name clients send (default: model).")
+    api_key: pydantic.SecretStr | None = Field(None, description="Require 'Authorization: Bearer KEY'.")
+    max_documents: int = Field(1000, ge=1, description="Max documents (or pairs) per request.")
+    max_document_chars: int = Field(20_000, ge=1, description="Max characters per document/query.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Max request body size.")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="Extra wait for requests to batch (batches also form while the model is busy)."
+    )
+    max_pending_pairs: int = Field(8192, ge=1, description="Queue bound per replica; past it: 503.")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds on 503 overload answers.")
+    health_probe_interval_s: float = Field(
+        10.0, gt=0, description="Health checks probe the model at most this often (a scored batch counts)."
+    )
+
+
+class ServeSettings(ComposedSettings):
+    """Settings of the online service (``serve/``)."""
+
+    model: ModelSettings
+    serving: ServingSettings
+
+    @model_validator(mode="after")
+    def _no_model_activation(self) -> Self:
+        if self.model.activation != "none":
+            raise ValueError(
+                "activation: not a service setting; each API defines its scores (/v1/rerank: sigmoid "
+                "relevance; /rerank and /score: raw_scores per request), so leave it unset"
+            )
+        return self
+
+    @property
+    def served_model_name(self) -> str:
+        """The name clients send and see: ``served_model_name``, else the model id."""
+        return self.serving.served_model_name or self.model.model
