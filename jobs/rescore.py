@@ -26,7 +26,7 @@ from jobs.commit import SKIPPED_NAME, SUCCESS_NAME, TMP_DIR, committed_counts, l
 from jobs.manifest import MANIFEST_NAME, job_manifest, pinned_model, resume_or_start, write_json
 from jobs.ranking import POSITION_COLUMN, RANKING_DIR, rank_scored
 from jobs.resources import ActorPoolPlan, alive_node_resources, object_store_budget, plan_actor_pool
-from jobs.scoring import ScoreUnits, commit_units, tokenize_units, unit_rows
+from jobs.scoring import ScoreUnits, commit_units, tokenize_task_env, tokenize_units, unit_rows
 from jobs.settings import JobSettings, RescoreSettings
 from jobs.storage import InputPlan, Location, count_rows, inspect_input, prepare_output, write_empty_output
 from jobs.units import WorkUnit, plan_units
@@ -192,15 +192,12 @@ def build_pipeline(
             "model_settings": settings.model,
             "query_column": job.query_column,
             "passage_column": job.passage_column,
-            "threads": max(1, round(job.io_cpus)),
         },
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=job.io_cpus,
         compute=ray.data.TaskPoolStrategy(size=pool.tokenize_tasks),
-        # The tokenizer's own thread pool, sized before it starts. A runtime env of its own also keeps
-        # Ray Data from fusing tokenization into the scoring actors (fusion needs equal remote args).
-        runtime_env={"env_vars": {"RAYON_NUM_THREADS": str(max(1, round(job.io_cpus)))}},
+        runtime_env=tokenize_task_env(job.io_cpus),
     )
     dataset = dataset.map_batches(
         ScoreUnits,

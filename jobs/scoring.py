@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -87,10 +86,18 @@ def from_ipc(data: bytes) -> pa.Table:
 
 
 @functools.lru_cache(maxsize=4)
-def tokenizer_for(settings: ModelOptions, threads: int) -> PairTokenizer:
+def tokenizer_for(settings: ModelOptions) -> PairTokenizer:
     """One tokenizer per worker process and settings, so a task doesn't reload it."""
-    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # read once, when the tokenizer pool starts
     return PairTokenizer(settings)
+
+
+def tokenize_task_env(io_cpus: float) -> dict[str, Any]:
+    """The runtime env of tokenization tasks: the tokenizer's thread pool sized to the task's CPUs.
+
+    It is read once, when the pool starts. A runtime env of its own also keeps Ray Data from fusing
+    tokenization into the scoring actors (fusion needs equal remote args).
+    """
+    return {"env_vars": {"RAYON_NUM_THREADS": str(max(1, round(io_cpus)))}}
 
 
 def tokenize_table(
@@ -139,7 +146,6 @@ def tokenize_units(
     model_settings: ModelOptions,
     query_column: str,
     passage_column: str,
-    threads: int,
 ) -> pa.Table:
     """Ray Data task: read each unit's rows and tokenize them on CPU (a bad file becomes an error row)."""
     rows = []
@@ -154,7 +160,7 @@ def tokenize_units(
             rows.append({**unit, "error": f"cannot read Parquet file {unit['path']}: {_first_line(exc)}"})
             continue
         read_s = time.perf_counter() - started
-        tokens = tokenize_table(tokenizer_for(model_settings, threads), table, query_column, passage_column)
+        tokens = tokenize_table(tokenizer_for(model_settings), table, query_column, passage_column)
         timings = {"read_s": read_s, "tokenize_s": time.perf_counter() - started - read_s}
         rows.append(
             {**unit, "table": to_ipc(table), "tokens": to_ipc(tokens), "timings": json.dumps(timings)}

@@ -18,7 +18,7 @@ import pyarrow as pa
 import ray.data
 
 from jobs.resources import PoolRequest, alive_node_resources, plan_actor_pool
-from jobs.scoring import ScoreUnits, score_tokens, tokenize_table, tokenizer_for
+from jobs.scoring import ScoreUnits, score_tokens, tokenize_table, tokenize_task_env, tokenizer_for
 from reranker.errors import InputError
 from reranker.loading import check_loadable
 from reranker.settings import DEFAULT_MODEL, ModelOptions
@@ -69,20 +69,18 @@ def add_scores(
     check_loadable(options)
     request = PoolRequest(num_actors, cpus_per_actor, gpus_per_actor, io_cpus)
     pool = plan_actor_pool(alive_node_resources(), request, options.torch_threads)
-    threads = max(1, round(io_cpus))
     tokenized = dataset.map_batches(
         tokenize_rows,  # type: ignore[arg-type]  # its extra parameters are bound by fn_kwargs
         fn_kwargs={
             "model_options": options,
             "query_column": query_column,
             "passage_column": passage_column,
-            "threads": threads,
         },
         batch_size=batch_rows,
         batch_format="pyarrow",
         num_cpus=io_cpus,
         compute=ray.data.TaskPoolStrategy(size=pool.tokenize_tasks),
-        runtime_env={"env_vars": {"RAYON_NUM_THREADS": str(threads)}},  # also: never fused into the actors
+        runtime_env=tokenize_task_env(io_cpus),
     )
     return tokenized.map_batches(
         ScoreRows,
@@ -114,10 +112,10 @@ def _check_columns(dataset: ray.data.Dataset, text_columns: list[str], score_col
 
 
 def tokenize_rows(
-    batch: pa.Table, model_options: ModelOptions, query_column: str, passage_column: str, threads: int
+    batch: pa.Table, model_options: ModelOptions, query_column: str, passage_column: str
 ) -> pa.Table:
     """Ray Data task: the batch with its pairs' token ids appended (hidden columns the actors consume)."""
-    tokens = tokenize_table(tokenizer_for(model_options, threads), batch, query_column, passage_column)
+    tokens = tokenize_table(tokenizer_for(model_options), batch, query_column, passage_column)
     for name in tokens.column_names:
         batch = batch.append_column(TOKEN_COLUMNS[name], tokens.column(name))
     return batch

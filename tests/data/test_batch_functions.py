@@ -41,9 +41,7 @@ def run_stages(tmp_path, model_dir, table: pa.Table, rows_per_unit: int) -> pa.T
     groups = [pq.ParquetFile(tmp_path / "in.parquet").metadata.row_group(i).num_rows for i in range(2)]
     units = plan_units([str(tmp_path / "in.parquet")], [groups], rows_per_unit)
     settings = ModelSettings(model=str(model_dir))
-    tokenized = tokenize_units(
-        pa.Table.from_pylist(unit_rows(units)), source, settings, "query", "passage", 1
-    )
+    tokenized = tokenize_units(pa.Table.from_pylist(unit_rows(units)), source, settings, "query", "passage")
     scored = ScoreUnits(settings, "score")(tokenized)
     return commit_units(scored, output)
 
@@ -77,7 +75,7 @@ def test_a_damaged_file_becomes_an_error_row_naming_it(tmp_path, tiny_model_dir)
     damage_data_page(path)
     rows = pa.Table.from_pylist(unit_rows([WorkUnit(0, str(path), 0, 5)]))
     tokenized = tokenize_units(
-        rows, locate(str(tmp_path), {}), ModelSettings(model=str(tiny_model_dir)), "query", "passage", 1
+        rows, locate(str(tmp_path), {}), ModelSettings(model=str(tiny_model_dir)), "query", "passage"
     )
     error = tokenized.column("error")[0].as_py()
     assert error.startswith(f"cannot read Parquet file {path}")
