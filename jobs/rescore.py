@@ -24,9 +24,9 @@ import ray.data
 
 from jobs.commit import SKIPPED_NAME, SUCCESS_NAME, TMP_DIR, committed_counts, list_names, remove_files
 from jobs.manifest import MANIFEST_NAME, job_manifest, pinned_model, resume_or_start, write_json
+from jobs.pipeline import build_pipeline, stage_seconds
 from jobs.ranking import POSITION_COLUMN, RANKING_DIR, rank_scored
-from jobs.resources import ActorPoolPlan, alive_node_resources, object_store_budget, plan_actor_pool
-from jobs.scoring import ScoreUnits, commit_units, tokenize_task_env, tokenize_units, unit_rows
+from jobs.resources import alive_node_resources, object_store_budget, plan_actor_pool
 from jobs.settings import JobSettings, RescoreSettings
 from jobs.storage import InputPlan, Location, count_rows, inspect_input, prepare_output, write_empty_output
 from jobs.units import WorkUnit, plan_units
@@ -163,62 +163,6 @@ def job_data_context(object_store_bytes: int) -> Iterator[None]:
         yield
     finally:
         context.max_consecutive_actor_init_deaths, context.execution_options.resource_limits = saved
-
-
-def stage_seconds(timings: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Seconds spent per stage, summed over units, and when the first forward pass started."""
-    totals = {
-        key: round(sum(t.get(key, 0.0) for t in timings), 3)
-        for key in ("read_s", "tokenize_s", "forward_s", "write_s")
-    }
-    starts = [t["forward_started_at"] for t in timings if "forward_started_at" in t]
-    return {**totals, "first_forward_at": min(starts, default=0.0)}
-
-
-def build_pipeline(
-    units: Sequence[WorkUnit],
-    plan: InputPlan,
-    settings: RescoreSettings,
-    pool: ActorPoolPlan,
-    destination: Location,
-) -> ray.data.Dataset:
-    """Units -> tokenize_units (CPU tasks) -> ScoreUnits (actor pool) -> commit_units (CPU tasks)."""
-    job = settings.job
-    dataset: ray.data.Dataset = ray.data.from_items(unit_rows(units), override_num_blocks=len(units))
-    dataset = dataset.map_batches(
-        tokenize_units,  # type: ignore[arg-type]  # its extra parameters are bound by fn_kwargs
-        fn_kwargs={
-            "source": plan.location,
-            "model_settings": settings.model,
-            "query_column": job.query_column,
-            "passage_column": job.passage_column,
-        },
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=job.io_cpus,
-        compute=ray.data.TaskPoolStrategy(size=pool.tokenize_tasks),
-        runtime_env=tokenize_task_env(job.io_cpus),
-    )
-    dataset = dataset.map_batches(
-        ScoreUnits,
-        fn_constructor_kwargs={
-            "model_settings": settings.model.model_copy(update={"torch_threads": pool.torch_threads}),
-            "score_column": job.score_column,
-            "position_column": POSITION_COLUMN if job.group_column else None,
-        },
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
-        num_cpus=pool.cpus_per_actor,
-        num_gpus=pool.gpus_per_actor,
-    )
-    return dataset.map_batches(
-        commit_units,  # type: ignore[arg-type]
-        fn_kwargs={"destination": destination},
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=job.io_cpus,
-    )
 
 
 def finish(

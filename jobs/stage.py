@@ -6,19 +6,24 @@
     pairs = ray.data.read_json("pairs.jsonl").filter(lambda row: row["lang"] == "en")
     add_scores(pairs, "cross-encoder/ms-marco-TinyBERT-L2-v2").write_parquet("scored/")
 
-Built from the job's pieces, so its shape on CPU and GPU is the job's: a CPU tokenization stage (Ray
-tasks, ``tokenize_table``), then a scoring actor pool sized from the cluster by ``plan_actor_pool`` (one
-actor per GPU; on CPUs, actors that leave ``io_cpus`` free on every node), each actor loading the model
-once and scoring in token-budget batches (``score_tokens``). It changes no process-wide Ray Data setting.
+Two steps (``append_scoring``): a CPU tokenization stage (Ray tasks, ``tokenize_rows``), then a scoring
+actor pool sized from the cluster by ``plan_actor_pool`` (one actor per GPU; on CPUs, actors that leave
+``io_cpus`` free on every node), each actor loading the model once and scoring in token-budget batches
+(``ScoreRows``). The rescoring job is these steps run on its work units (``jobs.pipeline``), so the two
+have one shape on CPU and GPU. The stage changes no process-wide Ray Data setting.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 import pyarrow as pa
 import ray.data
 
-from jobs.resources import PoolRequest, alive_node_resources, plan_actor_pool
-from jobs.scoring import ScoreUnits, score_tokens, tokenize_table, tokenize_task_env, tokenizer_for
+from jobs.resources import ActorPoolPlan, PoolRequest, alive_node_resources, plan_actor_pool
+from jobs.scoring import score_tokens, tokenize_table, tokenize_task_env, tokenizer_for
 from reranker.errors import InputError
 from reranker.loading import check_loadable
 from reranker.settings import DEFAULT_MODEL, ModelOptions
@@ -69,26 +74,51 @@ def add_scores(
     check_loadable(options)
     request = PoolRequest(num_actors, cpus_per_actor, gpus_per_actor, io_cpus)
     pool = plan_actor_pool(alive_node_resources(), request, options.torch_threads)
-    tokenized = dataset.map_batches(
-        tokenize_rows,  # type: ignore[arg-type]  # its extra parameters are bound by fn_kwargs
-        fn_kwargs={
-            "model_options": options,
-            "query_column": query_column,
-            "passage_column": passage_column,
-        },
+    steps = ScoringSteps(
+        tokenize=tokenize_rows,
+        scorer=ScoreRows,
         batch_size=batch_rows,
+        tokenize_kwargs={"query_column": query_column, "passage_column": passage_column},
+        scorer_kwargs={"score_column": score_column},
+    )
+    return append_scoring(dataset, steps, options, pool, io_cpus)
+
+
+@dataclass(frozen=True)
+class ScoringSteps:
+    """What the two scoring steps run: a tokenize function (CPU tasks) and a scorer class (actors).
+
+    The stage runs ``tokenize_rows`` and ``ScoreRows`` on a user's rows; the job runs its unit-level
+    wrappers of them (``jobs.pipeline``). Both take ``model_options`` plus the keywords here.
+    """
+
+    tokenize: Callable[..., pa.Table]
+    scorer: type[ScoreRows]
+    batch_size: int
+    tokenize_kwargs: dict[str, Any] = field(default_factory=dict)
+    scorer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def append_scoring(
+    dataset: ray.data.Dataset, steps: ScoringSteps, options: ModelOptions, pool: ActorPoolPlan, io_cpus: float
+) -> ray.data.Dataset:
+    """Add tokenize tasks (CPU) and a scoring actor pool: the one shape of the stage and the job."""
+    tokenized = dataset.map_batches(
+        steps.tokenize,  # its extra parameters are bound by fn_kwargs
+        fn_kwargs={"model_options": options, **steps.tokenize_kwargs},
+        batch_size=steps.batch_size,
         batch_format="pyarrow",
         num_cpus=io_cpus,
         compute=ray.data.TaskPoolStrategy(size=pool.tokenize_tasks),
-        runtime_env=tokenize_task_env(io_cpus),
+        runtime_env=tokenize_task_env(io_cpus),  # also keeps tokenization from fusing into the actors
     )
     return tokenized.map_batches(
-        ScoreRows,
+        steps.scorer,
         fn_constructor_kwargs={
             "model_options": options.model_copy(update={"torch_threads": pool.torch_threads}),
-            "score_column": score_column,
+            **steps.scorer_kwargs,
         },
-        batch_size=batch_rows,
+        batch_size=steps.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
         num_cpus=pool.cpus_per_actor,
@@ -121,17 +151,24 @@ def tokenize_rows(
     return batch
 
 
-class ScoreRows(ScoreUnits):
+class ScoreRows:
     """Ray Data callable class: loads the model once per actor, scores batches of ``tokenize_rows``."""
 
     def __init__(self, model_options: ModelOptions, score_column: str) -> None:
-        super().__init__(model_options, score_column)
+        from reranker.model import CrossEncoderModel  # torch only here: not on the driver or CPU tasks
+
+        self.model = CrossEncoderModel.from_settings(model_options)
+        self.score_column = score_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """The batch without its token columns, with the score column."""
-        hidden = [column for column in TOKEN_COLUMNS.values() if column in batch.column_names]
-        tokens = batch.select(hidden).rename_columns(
+        return self.score_table(batch)[0]
+
+    def score_table(self, table: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+        """A ``tokenize_rows`` table scored (token columns dropped), and its counts (rows, nulls, ...)."""
+        hidden = [column for column in TOKEN_COLUMNS.values() if column in table.column_names]
+        tokens = table.select(hidden).rename_columns(
             [name for name, column in TOKEN_COLUMNS.items() if column in hidden]
         )
-        scores, _ = score_tokens(self.model, tokens)
-        return batch.drop_columns(hidden).append_column(self.score_column, scores)
+        scores, counts = score_tokens(self.model, tokens)
+        return table.drop_columns(hidden).append_column(self.score_column, scores), counts

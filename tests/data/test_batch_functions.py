@@ -5,16 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.pipeline import ScoreUnits, commit_units, tokenize_units, unit_rows
 from jobs.ranking import POSITION_COLUMN, input_positions, rank_group
-from jobs.scoring import (
-    ScoreUnits,
-    commit_units,
-    encoded_from_table,
-    tokenize_table,
-    tokenize_units,
-    unit_rows,
-    valid_text_mask,
-)
+from jobs.scoring import encoded_from_table, tokenize_table, valid_text_mask
 from jobs.storage import locate
 from jobs.units import WorkUnit, plan_units, read_unit
 from reranker.settings import ModelSettings

@@ -86,14 +86,37 @@ def test_the_stage_has_the_jobs_shape_on_a_gpu_cluster(monkeypatch, tiny_model_d
     """On an 8-GPU node (checked on CPU): tokenize tasks on the spare cores, one scoring actor per GPU."""
     monkeypatch.setattr(stage, "alive_node_resources", lambda: [{"CPU": 96.0, "GPU": 8.0}])
     result = stage.add_scores(ray.data.from_items(ROWS[:2]), str(tiny_model_dir))
-    found, operator = [], result._logical_plan.dag
-    while operator.input_dependencies:
-        found.append((operator.name, operator.ray_remote_args, operator.compute))
-        operator = operator.input_dependencies[0]
-    (score_name, score_args, actors), (tokenize_name, tokenize_args, tasks) = found
+    (score_name, score_args, actors), (tokenize_name, tokenize_args, tasks) = operators(result)
     assert (tokenize_name, score_name) == ("MapBatches(tokenize_rows)", "MapBatches(ScoreRows)")
     assert actors.min_size == actors.max_size == 8 and score_args["num_gpus"] == 1.0
     assert tasks.size == 88 and tokenize_args != score_args  # never fused into the GPU actors
+    job_steps = job_operators(stage.plan_actor_pool([{"CPU": 96.0, "GPU": 8.0}], stage.PoolRequest()))
+    (_, job_score_args, job_actors), (_, job_tokenize_args, job_tasks) = job_steps[1:]
+    assert (job_score_args, job_tokenize_args) == (score_args, tokenize_args)  # the job is this stage
+    assert (job_actors.max_size, job_tasks.size) == (actors.max_size, tasks.size)
+
+
+def operators(dataset: ray.data.Dataset) -> list[tuple[str, dict, object]]:
+    """(name, remote args, compute) of each operator of a lazy dataset, last first."""
+    found, operator = [], dataset._logical_plan.dag
+    while operator.input_dependencies:
+        found.append((operator.name, operator.ray_remote_args, operator.compute))
+        operator = operator.input_dependencies[0]
+    return found
+
+
+def job_operators(pool) -> list[tuple[str, dict, object]]:
+    """The rescoring job's operators (commit, score, tokenize) for a pool plan."""
+    from jobs.pipeline import build_pipeline
+    from jobs.settings import RescoreSettings
+    from jobs.storage import InputPlan, locate
+    from jobs.units import WorkUnit
+
+    plan = InputPlan(location=locate("/tmp", {}), files=["/tmp/x"], footers=[], skipped={})
+    settings = RescoreSettings.load(input="in", output="out")
+    return operators(
+        build_pipeline([WorkUnit(0, "/tmp/x", 0, 1)], plan, settings, pool, locate("/tmp/o", {}))
+    )
 
 
 def test_a_missing_column_is_one_line_on_the_driver(tiny_model_dir):

@@ -136,7 +136,7 @@ def test_object_store_budget_holds_two_units_per_stage_slot():
 
 def stages(plan) -> list[tuple[str, dict, object]]:
     """(name, remote args, compute) of each operator of the job's pipeline, first to last."""
-    from jobs.rescore import build_pipeline
+    from jobs.pipeline import build_pipeline
     from jobs.storage import locate
     from jobs.units import WorkUnit
 

@@ -1,0 +1,193 @@
+"""The job's pipeline: the scoring stage (``jobs.stage``) run on work units, then a commit per unit.
+
+Each row of the job's dataset is one work unit: ``tokenize_units`` (CPU tasks) reads its rows and runs
+the stage's ``tokenize_rows`` on them, ``ScoreUnits`` (the stage's ``ScoreRows`` on the actor pool)
+scores them, ``commit_units`` (CPU tasks) writes the unit's output file atomically. A unit's rows travel
+between the steps as Arrow IPC bytes, so no step can split or merge units: a unit is the grain of
+commit and resume.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+import ray.data
+
+from jobs.commit import commit_table
+from jobs.ranking import POSITION_COLUMN, input_positions
+from jobs.resources import ActorPoolPlan
+from jobs.retries import is_transient, with_retries
+from jobs.settings import RescoreSettings
+from jobs.stage import ScoreRows, ScoringSteps, append_scoring, tokenize_rows
+from jobs.storage import InputPlan, Location
+from jobs.units import WorkUnit, read_unit
+from reranker.settings import ModelOptions
+
+UNIT_FIELDS = [
+    pa.field("name", pa.string()),
+    pa.field("file_index", pa.int64()),
+    pa.field("path", pa.string()),
+    pa.field("row_start", pa.int64()),
+    pa.field("row_stop", pa.int64()),
+    pa.field("error", pa.string()),
+    pa.field("timings", pa.string()),
+]
+TOKENIZED_SCHEMA = pa.schema([*UNIT_FIELDS, pa.field("table", pa.large_binary())])
+SCORED_SCHEMA = pa.schema(
+    [*UNIT_FIELDS, pa.field("table", pa.large_binary()), pa.field("counts", pa.string())]
+)
+COMMITTED_SCHEMA = pa.schema([*UNIT_FIELDS, pa.field("counts", pa.string())])
+
+
+def build_pipeline(
+    units: Sequence[WorkUnit],
+    plan: InputPlan,
+    settings: RescoreSettings,
+    pool: ActorPoolPlan,
+    destination: Location,
+) -> ray.data.Dataset:
+    """Units -> tokenize_units (CPU tasks) -> ScoreUnits (actor pool) -> commit_units (CPU tasks)."""
+    job = settings.job
+    dataset: ray.data.Dataset = ray.data.from_items(unit_rows(units), override_num_blocks=len(units))
+    steps = ScoringSteps(
+        tokenize=tokenize_units,
+        scorer=ScoreUnits,
+        batch_size=1,
+        tokenize_kwargs={
+            "source": plan.location,
+            "query_column": job.query_column,
+            "passage_column": job.passage_column,
+        },
+        scorer_kwargs={
+            "score_column": job.score_column,
+            "position_column": POSITION_COLUMN if job.group_column else None,
+        },
+    )
+    dataset = append_scoring(dataset, steps, settings.model, pool, job.io_cpus)
+    return dataset.map_batches(
+        commit_units,  # type: ignore[arg-type]  # its extra parameters are bound by fn_kwargs
+        fn_kwargs={"destination": destination},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=job.io_cpus,
+    )
+
+
+def unit_rows(units: Sequence[WorkUnit]) -> list[dict[str, Any]]:
+    """The job's input dataset: one row per work unit."""
+    return [
+        {
+            "name": u.name,
+            "file_index": u.file_index,
+            "path": u.path,
+            "row_start": u.row_start,
+            "row_stop": u.row_stop,
+            "error": None,
+            "timings": "{}",
+        }
+        for u in units
+    ]
+
+
+def to_ipc(table: pa.Table) -> bytes:
+    """A table as Arrow IPC stream bytes (how a unit's rows travel between steps)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def from_ipc(data: bytes) -> pa.Table:
+    """The table ``to_ipc`` wrote."""
+    return pa.ipc.open_stream(data).read_all()
+
+
+def tokenize_units(
+    batch: pa.Table,
+    source: Location,
+    model_options: ModelOptions,
+    query_column: str,
+    passage_column: str,
+) -> pa.Table:
+    """Ray Data task: read each unit's rows and tokenize them on CPU (a bad file becomes an error row)."""
+    rows = []
+    for unit in batch.to_pylist():
+        started = time.perf_counter()
+        try:
+            reading = functools.partial(read_unit, source.fs, _unit(unit))
+            table = with_retries(reading, f"reading {unit['path']}")
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            rows.append({**unit, "error": f"cannot read Parquet file {unit['path']}: {_first_line(exc)}"})
+            continue
+        read_s = time.perf_counter() - started
+        tokenized = tokenize_rows(table, model_options, query_column, passage_column)
+        timings = {"read_s": read_s, "tokenize_s": time.perf_counter() - started - read_s}
+        rows.append({**unit, "table": to_ipc(tokenized), "timings": json.dumps(timings)})
+    return pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA)
+
+
+class ScoreUnits(ScoreRows):
+    """Ray Data callable class: the stage's scorer, one tokenized unit at a time."""
+
+    def __init__(
+        self, model_options: ModelOptions, score_column: str, position_column: str | None = None
+    ) -> None:
+        super().__init__(model_options, score_column)
+        self.position_column = position_column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Append a float32 score column to each unit's rows (null where there was nothing to score)."""
+        return pa.Table.from_pylist([self.score_unit(row) for row in batch.to_pylist()], schema=SCORED_SCHEMA)
+
+    def score_unit(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Score one unit row of ``tokenize_units``; an error row passes through."""
+        if row["error"] is not None:
+            return {**row, "table": None, "counts": None}
+        started, started_at = time.perf_counter(), time.time()
+        scored, counts = self.score_table(from_ipc(row["table"]))
+        if self.position_column is not None:
+            scored = scored.append_column(self.position_column, input_positions(_unit(row)))
+        timings = {
+            **json.loads(row["timings"]),
+            "forward_s": time.perf_counter() - started,
+            "forward_started_at": started_at,
+        }
+        return {**row, "table": to_ipc(scored), "counts": json.dumps(counts), "timings": json.dumps(timings)}
+
+
+def commit_units(batch: pa.Table, destination: Location) -> pa.Table:
+    """Ray Data task: commit each scored unit as its own output file; returns one manifest row per unit."""
+    rows = []
+    for row in batch.to_pylist():
+        if row["error"] is None:
+            started = time.perf_counter()
+            commit_table(destination, row["name"], from_ipc(row["table"]), json.loads(row["counts"]))
+            timings = {**json.loads(row["timings"]), "write_s": time.perf_counter() - started}
+            row["timings"] = json.dumps(timings)
+        rows.append({key: row[key] for key in COMMITTED_SCHEMA.names})
+    return pa.Table.from_pylist(rows, schema=COMMITTED_SCHEMA)
+
+
+def stage_seconds(timings: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Seconds spent per step, summed over units, and when the first forward pass started."""
+    totals = {
+        key: round(sum(t.get(key, 0.0) for t in timings), 3)
+        for key in ("read_s", "tokenize_s", "forward_s", "write_s")
+    }
+    starts = [t["forward_started_at"] for t in timings if "forward_started_at" in t]
+    return {**totals, "first_forward_at": min(starts, default=0.0)}
+
+
+def _unit(row: dict[str, Any]) -> WorkUnit:
+    return WorkUnit(row["file_index"], row["path"], row["row_start"], row["row_stop"])
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
