@@ -14,7 +14,6 @@ so the driver holds at most ``queries x 100`` rows plus one chunk, however deep 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,7 +29,7 @@ from jobs.settings import EvaluateSettings
 from jobs.storage import check_present_columns, find_input_files, read_footers
 from jobs.trec import RUN_CHUNK_ROWS, iter_run_file, read_qrels
 from reranker.errors import ConfigError, InputError, RerankError
-from reranker.settings import add_settings_arguments, overrides_from_args
+from reranker.settings import parse_flags
 
 DEPTH = 100  # the deepest cutoff of any reported measure
 _RUN_DTYPES = {"query_id": "str", "doc_id": "str", "score": "float64"}
@@ -156,17 +155,17 @@ def _aggregate(
     return result
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the job's flags: one per setting, see ``--help``."""
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.splitlines()[0])
-    add_settings_arguments(parser, EvaluateSettings)
-    return parser.parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The flags given (one per setting, see ``--help``): keyword overrides for ``EvaluateSettings.load``."""
+    return parse_flags(
+        EvaluateSettings, argv, prog="python -m jobs.evaluate", description=__doc__.splitlines()[0]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the measures as one JSON object; a user error prints one line and returns 2."""
     try:
-        settings = EvaluateSettings.load(**overrides_from_args(parse_args(argv)))
+        settings = EvaluateSettings.load(**parse_args(argv))
         result = evaluate(settings)
     except RerankError as exc:
         print(f"error: {exc}", file=sys.stderr)

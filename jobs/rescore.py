@@ -8,7 +8,6 @@ jobs.rescore ...``. Ends with one summary line.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -17,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -32,7 +32,7 @@ from jobs.storage import InputPlan, Location, count_rows, inspect_input, prepare
 from jobs.units import WorkUnit, plan_units
 from reranker.errors import ConfigError, InputError, RerankError
 from reranker.loading import check_loadable, model_version
-from reranker.settings import add_settings_arguments, overrides_from_args
+from reranker.settings import parse_flags
 
 logger = logging.getLogger("jobs.rescore")
 ACTOR_INIT_DEATHS = 3  # scoring actors that may die while loading before the job fails (Ray's default: 0)
@@ -221,17 +221,17 @@ def _new_columns(job: JobSettings) -> list[str]:
     ]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the job's flags: one per setting, see ``--help``."""
-    parser = argparse.ArgumentParser(prog="python -m jobs.rescore", description=__doc__.splitlines()[0])
-    add_settings_arguments(parser, RescoreSettings)
-    return parser.parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The flags given (one per setting, see ``--help``): keyword overrides for ``RescoreSettings.load``."""
+    return parse_flags(
+        RescoreSettings, argv, prog="python -m jobs.rescore", description=__doc__.splitlines()[0]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the job; a user error prints one line and returns 2."""
     try:
-        settings = RescoreSettings.load(**overrides_from_args(parse_args(argv)))
+        settings = RescoreSettings.load(**parse_args(argv))
         summary = run(settings)
     except RerankError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,17 +9,22 @@ variables, the YAML config file (``--config`` / ``RERANK_CONFIG``), then the def
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import types
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Self, Union, get_args, get_origin
+from typing import Any, Self
 
 import fsspec
 import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from reranker.errors import ConfigError
 from reranker.types import Activation, Precision
@@ -29,6 +34,9 @@ DEFAULT_MODEL = "cross-encoder/ms-marco-TinyBERT-L2-v2"
 
 def read_config_file(path: str) -> dict[str, Any]:
     """Load a flat YAML mapping of setting names to values.
+
+    Not pydantic-settings' ``YamlConfigSettingsSource``: that one reads local paths only (a RayJob's config
+    may sit on ``s3://``) and skips a missing file silently, where a named file that is missing is an error.
 
     Args:
         path: Local path or fsspec URI of the YAML file.
@@ -169,44 +177,44 @@ def describe_validation_error(exc: pydantic.ValidationError) -> str:
     return "invalid settings: " + "; ".join(problems)
 
 
-def _cli_type(annotation: Any) -> tuple[Any, Sequence[str] | None, bool]:
-    """Map a field annotation to (argparse type, choices, is_bool)."""
-    if get_origin(annotation) in (Union, types.UnionType):
-        annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
-    if get_origin(annotation) is Literal:
-        return str, [str(value) for value in get_args(annotation)], False
-    if annotation is bool:
-        return None, None, True
-    if get_origin(annotation) is dict or annotation is dict:
-        return json.loads, None, False
-    return annotation, None, False
+CLI_OPTIONS: dict[str, Any] = {  # pydantic-settings' CLI source: --kebab-case flags, --x/--no-x for bools
+    "cli_kebab_case": True,
+    "cli_implicit_flags": True,
+    "cli_hide_none_type": True,
+    "cli_show_env_vars": True,
+}
 
 
-def add_settings_arguments(
-    parser: argparse.ArgumentParser, settings_cls: type[BaseSettings] | type[ComposedSettings]
-) -> None:
-    """Add one ``--flag`` per setting (and ``--config`` for composed settings); unset flags stay unset."""
+def parse_flags(
+    settings_cls: type[SettingsSection] | type[ComposedSettings],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str,
+    description: str,
+) -> dict[str, Any]:
+    """The flags the user gave (one per setting, plus ``--config``), as keyword overrides for ``load``.
+
+    Each section's flags come from pydantic-settings' ``CliSettingsSource``, all on one parser, so
+    ``--help`` lists every setting with its default and env variable; unset flags stay unset.
+
+    Raises:
+        ConfigError: A flag's value can't be parsed (e.g. bad JSON for a mapping).
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     if issubclass(settings_cls, ComposedSettings):
         parser.add_argument(
-            "--config", dest="config_file", default=None, help="YAML file of settings [env RERANK_CONFIG]"
+            "--config", dest="config_file", metavar="FILE", help="YAML file of settings [env: RERANK_CONFIG]"
         )
-        for section in settings_cls.sections().values():
-            add_settings_arguments(parser, section)
-        return
-    prefix = settings_cls.model_config.get("env_prefix", "")
-    for name, field in settings_cls.model_fields.items():
-        kind, choices, is_bool = _cli_type(field.annotation)
-        help_text = f"{field.description} [env {prefix}{name.upper()}]"
-        flag = "--" + name.replace("_", "-")
-        if is_bool:
-            parser.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        else:
-            parser.add_argument(flag, dest=name, type=kind, choices=choices, default=None, help=help_text)
-
-
-def overrides_from_args(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
-    """The flags the user actually gave, as keyword overrides for ``Settings.load``."""
-    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    return {key: value for key, value in values.items() if value is not None}
+        sections = list(settings_cls.sections().values())
+    else:
+        sections = [settings_cls]
+    sources: list[CliSettingsSource[Any]] = [
+        CliSettingsSource(section, root_parser=parser, **CLI_OPTIONS) for section in sections
+    ]
+    namespace = parser.parse_args(argv)
+    try:
+        flags = {key: value for source in sources for key, value in source(parsed_args=namespace)().items()}
+    except SettingsError as exc:
+        raise ConfigError(f"invalid flag: {exc}") from None
+    config_file = getattr(namespace, "config_file", None)
+    return {**flags, "config_file": config_file} if config_file else flags

@@ -11,7 +11,6 @@ import yaml
 
 from jobs.rescore import parse_args
 from jobs.settings import RescoreSettings
-from reranker.settings import overrides_from_args
 from tests.helpers import REPO_ROOT, SHARED, require
 
 pytestmark = pytest.mark.unit
@@ -108,7 +107,7 @@ def test_rayjob_runs_the_rescoring_job_with_its_config():
     spec = load_yaml("configs/kuberay/rayjob.yaml")["spec"]
     argv = shlex.split(spec["entrypoint"])
     assert argv[:3] == ["python", "-m", "jobs.rescore"]
-    overrides = overrides_from_args(parse_args(argv[3:]))
+    overrides = parse_args(argv[3:])
     assert overrides["config_file"].endswith("/configs/rescore.yaml")
     overrides["config_file"] = str(REPO_ROOT / "configs" / "rescore.yaml")
     settings = RescoreSettings.load(**overrides)

@@ -1,19 +1,15 @@
-import argparse
-
 import pytest
 
 from jobs.settings import RescoreSettings
 from reranker.errors import ConfigError
-from reranker.settings import DEFAULT_MODEL, ModelSettings, add_settings_arguments, overrides_from_args
+from reranker.settings import DEFAULT_MODEL, ModelSettings, parse_flags
 from serve.settings import ServeSettings
 
 pytestmark = pytest.mark.unit
 
 
 def parse(*argv: str) -> dict:
-    parser = argparse.ArgumentParser()
-    add_settings_arguments(parser, RescoreSettings)
-    return overrides_from_args(parser.parse_args(list(argv)))
+    return parse_flags(RescoreSettings, list(argv), prog="test", description="test")
 
 
 def test_defaults():
@@ -126,3 +122,20 @@ def test_model_settings_alone_read_env(monkeypatch):
     """A section loads on its own from env vars (the model class needs only ModelSettings)."""
     monkeypatch.setenv("RERANK_MAX_LENGTH", "128")
     assert ModelSettings.load().max_length == 128
+
+
+def test_a_flag_that_cannot_be_parsed_is_a_config_error():
+    """Bad JSON for a mapping flag is one ConfigError naming the setting, not a traceback."""
+    with pytest.raises(ConfigError, match="storage_options"):
+        parse("--storage-options", "{bad")
+
+
+def test_help_lists_every_setting_with_its_env_variable(capsys):
+    """--help names each setting's flag and RERANK_ variable, and --config."""
+    with pytest.raises(SystemExit):
+        parse("--help")
+    shown = " ".join(capsys.readouterr().out.split())
+    for section in RescoreSettings.sections().values():
+        for name in section.model_fields:
+            assert f"--{name.replace('_', '-')}" in shown and f"RERANK_{name.upper()}" in shown
+    assert "--config FILE" in shown
