@@ -11,26 +11,41 @@ import json
 import posixpath
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from jobs.commit import SUCCESS_NAME
 from jobs.retries import with_retries
 from jobs.settings import RescoreSettings
 from jobs.storage import InputPlan, Location
 from reranker.errors import OutputError
-from reranker.settings import ModelSettings
+from reranker.settings import ModelOptions
 
 MANIFEST_NAME = "_rescore_job.json"
+Options = TypeVar("Options", bound=ModelOptions)
 
 
-def job_manifest(settings: RescoreSettings, plan: InputPlan, version: str) -> dict[str, Any]:
+SCORING_FIELDS = {"model", "revision", "precision", "max_length", "activation"}
+STAGE_FIELDS = {*SCORING_FIELDS, "name", "rerank_count"}
+
+
+def job_manifest(settings: RescoreSettings, plan: InputPlan, versions: Sequence[str]) -> dict[str, Any]:
     """Everything that decides the output's content; a rerun resumes only if it is unchanged.
 
-    ``version`` is what was actually loaded (``reranker.loading.model_version``): an unpinned hub
-    model whose ``main`` moved, or a directory with new weights, is a different job.
+    ``versions`` are what each stage actually loads (``reranker.loading.model_version``): an unpinned
+    hub model whose ``main`` moved, or a directory with new weights, is a different job.
     """
     model, job = settings.model, settings.job
-    scoring = model.model_dump(include={"model", "revision", "precision", "max_length", "activation"})
+    scoring: dict[str, Any] = model.model_dump(include=SCORING_FIELDS)
+    if settings.cascade.cascade:
+        scoring = {
+            "cascade": [
+                {
+                    **stage.model_dump(include={*SCORING_FIELDS, "name", "rerank_count"}),
+                    "model_version": version,
+                }
+                for stage, version in zip(settings.stages, versions, strict=True)
+            ]
+        }
     layout = job.model_dump(
         include={
             "query_column",
@@ -45,13 +60,13 @@ def job_manifest(settings: RescoreSettings, plan: InputPlan, version: str) -> di
     return {
         **scoring,
         **layout,
-        "model_version": version,
+        **({} if settings.cascade.cascade else {"model_version": versions[0]}),
         "input": plan.location.path,
         "input_files": plan.file_versions(),
     }
 
 
-def pinned_model(model: ModelSettings, version: str) -> ModelSettings:
+def pinned_model(model: Options, version: str) -> Options:
     """The model settings the workers load: a hub model pinned to the commit the driver resolved."""
     commit = version.removeprefix("hub:")
     return model.model_copy(update={"revision": commit}) if version.startswith("hub:") else model

@@ -9,25 +9,37 @@ commit and resume.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import ray.data
 
 from jobs.commit import commit_table
-from jobs.ranking import POSITION_COLUMN, input_positions
-from jobs.resources import ActorPoolPlan
+from jobs.ranking import input_positions
+from jobs.resources import (
+    ActorPoolPlan,
+    PoolSizing,
+    alive_node_resources,
+    object_store_budget,
+    plan_actor_pool,
+)
 from jobs.retries import is_transient, with_retries
-from jobs.settings import RescoreSettings
+from jobs.settings import JobSettings
 from jobs.stage import ScoreRows, ScoringSteps, append_scoring, tokenize_rows
-from jobs.storage import InputPlan, Location
+from jobs.storage import Location
 from jobs.units import WorkUnit, read_unit
+from reranker.errors import InputError
 from reranker.settings import ModelOptions
 
+logger = logging.getLogger("jobs.rescore")
+ACTOR_INIT_DEATHS = 3  # scoring actors that may die while loading before the job fails (Ray's default: 0)
 UNIT_FIELDS = [
     pa.field("name", pa.string()),
     pa.field("file_index", pa.int64()),
@@ -44,38 +56,104 @@ SCORED_SCHEMA = pa.schema(
 COMMITTED_SCHEMA = pa.schema([*UNIT_FIELDS, pa.field("counts", pa.string())])
 
 
+@dataclass(frozen=True)
+class UnitScoring:
+    """What one scoring pass over work units reads and adds (a cascade makes one pass per stage)."""
+
+    source: Location
+    query_column: str
+    passage_column: str
+    score_column: str
+    position_column: str | None = None  # add each row's input position (first pass of a ranked job)
+    select_column: str | None = None  # score only the rows where this bool column is true
+
+
 def build_pipeline(
     units: Sequence[WorkUnit],
-    plan: InputPlan,
-    settings: RescoreSettings,
+    scoring: UnitScoring,
+    options: ModelOptions,
     pool: ActorPoolPlan,
     destination: Location,
+    io_cpus: float,
 ) -> ray.data.Dataset:
     """Units -> tokenize_units (CPU tasks) -> ScoreUnits (actor pool) -> commit_units (CPU tasks)."""
-    job = settings.job
     dataset: ray.data.Dataset = ray.data.from_items(unit_rows(units), override_num_blocks=len(units))
     steps = ScoringSteps(
         tokenize=tokenize_units,
         scorer=ScoreUnits,
         batch_size=1,
         tokenize_kwargs={
-            "source": plan.location,
-            "query_column": job.query_column,
-            "passage_column": job.passage_column,
+            "source": scoring.source,
+            "query_column": scoring.query_column,
+            "passage_column": scoring.passage_column,
+            "select_column": scoring.select_column,
         },
-        scorer_kwargs={
-            "score_column": job.score_column,
-            "position_column": POSITION_COLUMN if job.group_column else None,
-        },
+        scorer_kwargs={"score_column": scoring.score_column, "position_column": scoring.position_column},
     )
-    dataset = append_scoring(dataset, steps, settings.model, pool, job.io_cpus)
+    dataset = append_scoring(dataset, steps, options, pool, io_cpus)
     return dataset.map_batches(
         commit_units,  # type: ignore[arg-type]  # its extra parameters are bound by fn_kwargs
         fn_kwargs={"destination": destination},
         batch_size=1,
         batch_format="pyarrow",
-        num_cpus=job.io_cpus,
+        num_cpus=io_cpus,
     )
+
+
+def score_units(
+    units: Sequence[WorkUnit],
+    scoring: UnitScoring,
+    options: ModelOptions,
+    job: JobSettings,
+    destination: Location,
+    sizing: PoolSizing | None = None,
+) -> dict[str, str]:
+    """Run the units through the pipeline on a pool sized for ``sizing`` (default: the job's settings).
+
+    Each unit is committed as it finishes; the driver sees one small manifest row per unit.
+
+    Returns:
+        Input files with a unit that could not be read, and why (``--on-bad-file skip``).
+
+    Raises:
+        InputError: A unit could not be read and ``--on-bad-file fail``; names the file.
+
+    """
+    pool = plan_actor_pool(alive_node_resources(), sizing or job, options.torch_threads)
+    budget = object_store_budget(pool, job)
+    logger.info("actor pool: %s, object store budget %d MiB", pool, budget // 2**20)
+    bad_files: dict[str, str] = {}
+    timings: list[dict[str, float]] = []
+    with job_data_context(budget):
+        pipeline = build_pipeline(units, scoring, options, pool, destination, job.io_cpus)
+        for done, row in enumerate(pipeline.iter_rows(), 1):
+            if row["error"] is not None:
+                if job.on_bad_file == "fail":
+                    raise InputError(row["error"] + " (pass --on-bad-file skip to leave bad files out)")
+                logger.warning("skipping %s", row["error"])
+                bad_files[row["path"]] = row["error"]
+                continue
+            timings.append(json.loads(row["timings"]))
+            logger.info("committed %s (%d/%d)", row["name"], done, len(units))
+    logger.info("stage seconds: %s", json.dumps(stage_seconds(timings)))
+    return bad_files
+
+
+@contextlib.contextmanager
+def job_data_context(object_store_bytes: int) -> Iterator[None]:
+    """The job's Ray Data settings (actor deaths tolerated, object-store budget), restored afterwards.
+
+    The process's ``DataContext`` is shared with whatever else runs there (a caller's own pipeline).
+    """
+    context = ray.data.DataContext.get_current()
+    saved = (context.max_consecutive_actor_init_deaths, context.execution_options.resource_limits)
+    context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
+    limits = context.execution_options.resource_limits
+    context.execution_options.resource_limits = limits.copy(object_store_memory=object_store_bytes)
+    try:
+        yield
+    finally:
+        context.max_consecutive_actor_init_deaths, context.execution_options.resource_limits = saved
 
 
 def unit_rows(units: Sequence[WorkUnit]) -> list[dict[str, Any]]:
@@ -113,6 +191,7 @@ def tokenize_units(
     model_options: ModelOptions,
     query_column: str,
     passage_column: str,
+    select_column: str | None = None,
 ) -> pa.Table:
     """Ray Data task: read each unit's rows and tokenize them on CPU (a bad file becomes an error row)."""
     rows = []
@@ -127,7 +206,7 @@ def tokenize_units(
             rows.append({**unit, "error": f"cannot read Parquet file {unit['path']}: {_first_line(exc)}"})
             continue
         read_s = time.perf_counter() - started
-        tokenized = tokenize_rows(table, model_options, query_column, passage_column)
+        tokenized = tokenize_rows(table, model_options, query_column, passage_column, select_column)
         timings = {"read_s": read_s, "tokenize_s": time.perf_counter() - started - read_s}
         rows.append({**unit, "table": to_ipc(tokenized), "timings": json.dumps(timings)})
     return pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA)

@@ -8,34 +8,32 @@ jobs.rescore ...``. Ends with one summary line.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import ray
 import ray.data
 
+from jobs.cascade import SELECTED_COLUMN, run_later_stages, stage_score_columns, stage_sizing
 from jobs.commit import SKIPPED_NAME, SUCCESS_NAME, TMP_DIR, committed_counts, list_names, remove_files
 from jobs.manifest import MANIFEST_NAME, job_manifest, pinned_model, resume_or_start, write_json
-from jobs.pipeline import build_pipeline, stage_seconds
+from jobs.pipeline import UnitScoring, score_units
 from jobs.ranking import POSITION_COLUMN, RANKING_DIR, rank_scored
-from jobs.resources import alive_node_resources, object_store_budget, plan_actor_pool
 from jobs.settings import JobSettings, RescoreSettings
 from jobs.storage import InputPlan, Location, count_rows, inspect_input, prepare_output, write_empty_output
 from jobs.units import WorkUnit, plan_units
-from reranker.errors import ConfigError, InputError, RerankError
-from reranker.loading import check_loadable, model_version
+from reranker.cascade import CascadeStage, model_options, warn_if_costlier_first
+from reranker.errors import ConfigError, RerankError
+from reranker.loading import check_loadable, model_version, pair_cost
 from reranker.settings import parse_flags
 
 logger = logging.getLogger("jobs.rescore")
-ACTOR_INIT_DEATHS = 3  # scoring actors that may die while loading before the job fails (Ray's default: 0)
 SCORED_DIR = "_scored"
 
 
@@ -53,23 +51,28 @@ class JobSummary:
     files_skipped: int
     pairs_scored_this_run: int
     wall_seconds: float
+    stage_pairs_scored: list[int] = field(default_factory=list)  # a cascade's pairs scored per stage
 
     def line(self) -> str:
         """The one-line summary printed at the end of a run."""
         seconds = self.wall_seconds
         rate = self.pairs_scored_this_run / seconds if seconds > 0 else 0.0
+        stages = "/".join(map(str, self.stage_pairs_scored))
         return (
             f"rescore: rows read {self.rows_read}, rows written {self.rows_written}, "
             f"pairs scored {self.pairs_scored}, null scores {self.null_scores}, "
             f"pairs truncated {self.pairs_truncated}, units {self.units} ({self.units_resumed} resumed), "
             f"bad files skipped {self.files_skipped}, {rate:.1f} pairs/s, wall {seconds:.1f}s"
+            + (f", pairs per stage {stages}" if stages else "")
         )
 
 
-def output_schema(input_schema: pa.Schema, job: JobSettings) -> pa.Schema:
-    """Input columns, then the float32 score column, then ``rank`` when asked for."""
-    schema = input_schema.append(pa.field(job.score_column, pa.float32()))
-    return schema.append(pa.field("rank", pa.int32())) if job.rank else schema
+def output_schema(input_schema: pa.Schema, settings: RescoreSettings) -> pa.Schema:
+    """Input columns, then each cascade stage's score, the float32 score column, ``rank`` when asked for."""
+    stage_columns = _stage_columns(settings)
+    for name in [*stage_columns, settings.job.score_column]:
+        input_schema = input_schema.append(pa.field(name, pa.float32()))
+    return input_schema.append(pa.field("rank", pa.int32())) if settings.adds_rank else input_schema
 
 
 def run(settings: RescoreSettings) -> JobSummary:
@@ -85,12 +88,11 @@ def run(settings: RescoreSettings) -> JobSummary:
     if not job.input or not job.output:
         raise ConfigError("both --input and --output are required (or RERANK_INPUT / RERANK_OUTPUT)")
     plan = inspect_input(
-        job.input, job.storage_options, _text_columns(job), _new_columns(job), job.on_bad_file == "skip"
+        job.input, job.storage_options, _text_columns(job), _new_columns(settings), job.on_bad_file == "skip"
     )
-    check_loadable(settings.model)  # on the driver: a bad model is one line, not a worker traceback per actor
-    version = model_version(settings.model)
+    versions = check_stages(settings.stages)
     output = prepare_output(job.output, job.storage_options, job.overwrite, resumable=[MANIFEST_NAME])
-    done = resume_or_start(output, job_manifest(settings, plan, version), job.output)
+    done = resume_or_start(output, job_manifest(settings, plan, versions), job.output)
     if done is not None:
         logger.info("output %s is already complete; nothing to do", job.output)
         return JobSummary(
@@ -103,66 +105,49 @@ def run(settings: RescoreSettings) -> JobSummary:
     logger.info("%d units, %d already committed, %d to score", len(units), len(committed), len(todo))
     bad_files = dict(plan.skipped)
     if todo:
-        pinned = settings.model_copy(update={"model": pinned_model(settings.model, version)})
-        bad_files.update(score_units(todo, plan, pinned, scored_at))
+        bad_files.update(score_first_stage(todo, plan, settings, versions[0], scored_at))
     kept = [unit.name for unit in units if unit.path not in bad_files]
     remove_files(scored_at, [unit.name for unit in units if unit.path in bad_files])
     counts = committed_counts(scored_at, kept)
+    later: list[int] = []
     if not kept:  # an empty input, or every unit turned out bad: one empty file with the full schema
-        write_empty_output(output, output_schema(plan.schema, job))
+        write_empty_output(output, output_schema(plan.schema, settings))
     elif job.group_column:
-        rank_scored(scored_at, kept, output, job, plan.num_rows)
+        last_at, last_names = scored_at, kept
+        if settings.cascade.cascade:
+            last_at, last_names, later = run_later_stages(
+                settings, versions, (scored_at, kept), output, plan.num_rows
+            )
+        rank_scored(last_at, last_names, output, job, plan.num_rows, _stage_columns(settings))
     scored_now = sum(counts[unit.name]["scored"] for unit in todo if unit.name in counts)
-    return finish(output, counts, (len(units), len(committed), scored_now), bad_files, started)
+    progress = (len(units), len(committed), scored_now)
+    return finish(output, counts, progress, bad_files, started, later)
 
 
-def score_units(
-    units: list[WorkUnit], plan: InputPlan, settings: RescoreSettings, destination: Location
-) -> dict[str, str]:
-    """Run the units through the Ray Data pipeline; each is committed as it finishes.
+def check_stages(stages: Sequence[CascadeStage]) -> list[str]:
+    """Check each stage's model on the driver (a bad model is one line, not a traceback per actor).
 
     Returns:
-        Input files with a unit that could not be read, and why (``--on-bad-file skip``).
-
-    Raises:
-        InputError: A unit could not be read and ``--on-bad-file fail``; names the file.
-
+        Each stage's model version, for the manifest and for pinning what the workers load.
     """
-    pool = plan_actor_pool(alive_node_resources(), settings.job, settings.model.torch_threads)
-    budget = object_store_budget(pool, settings.job)
-    logger.info("actor pool: %s, object store budget %d MiB", pool, budget // 2**20)
-    bad_files: dict[str, str] = {}
-    timings: list[dict[str, float]] = []
-    with job_data_context(budget):
-        pipeline = build_pipeline(units, plan, settings, pool, destination)
-        for done, row in enumerate(pipeline.iter_rows(), 1):  # one small manifest row per unit
-            if row["error"] is not None:
-                if settings.job.on_bad_file == "fail":
-                    raise InputError(row["error"] + " (pass --on-bad-file skip to leave bad files out)")
-                logger.warning("skipping %s", row["error"])
-                bad_files[row["path"]] = row["error"]
-                continue
-            timings.append(json.loads(row["timings"]))
-            logger.info("committed %s (%d/%d)", row["name"], done, len(units))
-    logger.info("stage seconds: %s", json.dumps(stage_seconds(timings)))
-    return bad_files
+    options = [model_options(stage) for stage in stages]
+    for option in options:
+        check_loadable(option)
+    if len(options) > 1:
+        warn_if_costlier_first(stages, [pair_cost(option) for option in options])
+    return [model_version(option) for option in options]
 
 
-@contextlib.contextmanager
-def job_data_context(object_store_bytes: int) -> Iterator[None]:
-    """The job's Ray Data settings (actor deaths tolerated, object-store budget), restored afterwards.
-
-    The process's ``DataContext`` is shared with whatever else runs there (a caller's own pipeline).
-    """
-    context = ray.data.DataContext.get_current()
-    saved = (context.max_consecutive_actor_init_deaths, context.execution_options.resource_limits)
-    context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
-    limits = context.execution_options.resource_limits
-    context.execution_options.resource_limits = limits.copy(object_store_memory=object_store_bytes)
-    try:
-        yield
-    finally:
-        context.max_consecutive_actor_init_deaths, context.execution_options.resource_limits = saved
+def score_first_stage(
+    units: list[WorkUnit], plan: InputPlan, settings: RescoreSettings, version: str, destination: Location
+) -> dict[str, str]:
+    """Score the input's units with the first (or only) model; returns the bad files skipped."""
+    job, stage = settings.job, settings.stages[0]
+    score_column = (_stage_columns(settings) or [job.score_column])[0]
+    position = POSITION_COLUMN if job.group_column else None
+    scoring = UnitScoring(plan.location, job.query_column, job.passage_column, score_column, position)
+    options = pinned_model(model_options(stage), version)
+    return score_units(units, scoring, options, job, destination, stage_sizing(stage, job))
 
 
 def finish(
@@ -171,6 +156,7 @@ def finish(
     units: tuple[int, int, int],
     bad_files: Mapping[str, str],
     started: float,
+    later_stages: Sequence[int] = (),
 ) -> JobSummary:
     """Write the skipped-files report and ``_SUCCESS``, clear the working directories, summarize.
 
@@ -180,6 +166,7 @@ def finish(
         units: Units in the job, units committed by earlier runs, pairs scored by this run.
         bad_files: Input files left out, and why.
         started: ``time.perf_counter()`` at the start of the run.
+        later_stages: Pairs each later cascade stage scored.
 
     """
     num_units, resumed, scored_now = units
@@ -200,8 +187,12 @@ def finish(
         files_skipped=len(bad_files),
         pairs_scored_this_run=scored_now,
         wall_seconds=time.perf_counter() - started,
+        stage_pairs_scored=[total["scored"], *later_stages] if later_stages else [],
     )
-    for name in (TMP_DIR, SCORED_DIR, RANKING_DIR):  # first: a crash before _SUCCESS leaves no copy behind
+    working_dirs = {TMP_DIR, SCORED_DIR, RANKING_DIR} | {
+        name for name in list_names(output, prefix="_") if name.startswith(("_select", "_scored"))
+    }
+    for name in sorted(working_dirs):  # first: a crash before _SUCCESS leaves no copy behind
         working = output.child(name)
         if working.fs.exists(working.path):
             working.fs.rm(working.path, recursive=True)
@@ -213,11 +204,19 @@ def _text_columns(job: JobSettings) -> list[str]:
     return [job.query_column, job.passage_column]
 
 
-def _new_columns(job: JobSettings) -> list[str]:
+def _stage_columns(settings: RescoreSettings) -> list[str]:
+    """A cascade's per-stage score columns (none without a cascade)."""
+    cascade = settings.cascade.cascade
+    return stage_score_columns(settings.job.score_column, cascade) if cascade else []
+
+
+def _new_columns(settings: RescoreSettings) -> list[str]:
+    job = settings.job
     return [
         job.score_column,
-        *(["rank"] if job.rank else []),
-        *([POSITION_COLUMN] if job.group_column else []),
+        *_stage_columns(settings),
+        *(["rank"] if settings.adds_rank else []),
+        *([POSITION_COLUMN, SELECTED_COLUMN] if job.group_column else []),
     ]
 
 

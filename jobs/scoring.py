@@ -44,11 +44,20 @@ def tokenize_task_env(io_cpus: float) -> dict[str, Any]:
 
 
 def tokenize_table(
-    tokenizer: PairTokenizer, table: pa.Table, query_column: str, passage_column: str
+    tokenizer: PairTokenizer,
+    table: pa.Table,
+    query_column: str,
+    passage_column: str,
+    selected: pa.ChunkedArray | pa.Array | None = None,
 ) -> pa.Table:
-    """Token ids of each row's pair: a null list where the query or passage is null or blank."""
+    """Token ids of each row's pair: a null list where the query or passage is null or blank.
+
+    With ``selected`` (bools), rows where it is not true get a null list too (not scored).
+    """
     queries, passages = table.column(query_column), table.column(passage_column)
     valid = valid_text_mask(queries) & valid_text_mask(passages)
+    if selected is not None:
+        valid &= np.asarray(pc.fill_null(selected, False).to_numpy(zero_copy_only=False), dtype=bool)
     encoded = tokenizer.tokenize(
         pc.filter(queries, valid).to_pylist(), pc.filter(passages, valid).to_pylist()
     )

@@ -11,6 +11,7 @@ from typing import Any, Literal, Self
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from reranker.cascade import CascadeSettings, CascadeStage, resolve_stages
 from reranker.settings import ComposedSettings, ModelSettings, SettingsSection
 
 
@@ -61,6 +62,23 @@ class RescoreSettings(ComposedSettings):
 
     model: ModelSettings
     job: JobSettings
+    cascade: CascadeSettings
+
+    @model_validator(mode="after")
+    def _cascade_needs_groups(self) -> Self:
+        if self.cascade.cascade and not self.job.group_column:
+            raise ValueError("a cascade needs --group-column (the query-id column): k is per query")
+        return self
+
+    @property
+    def stages(self) -> list[CascadeStage]:
+        """The scoring stages: the cascade's, each completed from the model settings; else the model."""
+        return resolve_stages(self.model, self.cascade.cascade)
+
+    @property
+    def adds_rank(self) -> bool:
+        """Whether the output gets a ``rank`` column (asked for, or a cascade's final order)."""
+        return self.job.rank or bool(self.cascade.cascade)
 
 
 class EvaluateSettings(SettingsSection):

@@ -142,10 +142,18 @@ def _check_columns(dataset: ray.data.Dataset, text_columns: list[str], score_col
 
 
 def tokenize_rows(
-    batch: pa.Table, model_options: ModelOptions, query_column: str, passage_column: str
+    batch: pa.Table,
+    model_options: ModelOptions,
+    query_column: str,
+    passage_column: str,
+    select_column: str | None = None,
 ) -> pa.Table:
-    """Ray Data task: the batch with its pairs' token ids appended (hidden columns the actors consume)."""
-    tokens = tokenize_table(tokenizer_for(model_options), batch, query_column, passage_column)
+    """Ray Data task: the batch with its pairs' token ids appended (hidden columns the actors consume).
+
+    With ``select_column`` (a bool column), only the rows where it is true are tokenized (and scored).
+    """
+    selected = None if select_column is None else batch.column(select_column)
+    tokens = tokenize_table(tokenizer_for(model_options), batch, query_column, passage_column, selected)
     for name in tokens.column_names:
         batch = batch.append_column(TOKEN_COLUMNS[name], tokens.column(name))
     return batch

@@ -198,3 +198,11 @@ def _hub_warnings_silenced() -> Iterator[None]:
         yield
     finally:
         hub_logger.setLevel(level)
+
+
+def pair_cost(settings: ModelOptions) -> float:
+    """A model's relative cost per token (layers x per-layer matmul sizes), from its config alone."""
+    config = AutoConfig.from_pretrained(settings.model, **hub_options(settings))
+    hidden = getattr(config, "hidden_size", 0)
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    return float(getattr(config, "num_hidden_layers", 1) * hidden * (4 * hidden + 2 * intermediate))

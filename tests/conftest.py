@@ -22,6 +22,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def larger_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny cross-encoder, 2 layers and other weights: the costlier stage of test cascades."""
+    return build_tiny_cross_encoder(tmp_path_factory.mktemp("larger-model"), seed=1, layers=2)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     """The tiny model loaded once through the project's model class."""
     from reranker.model import CrossEncoderModel

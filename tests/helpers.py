@@ -77,8 +77,10 @@ SPREAD_PASSAGES = [
 MIN_SCORE_GAP = 1e-3  # 100x the loosest score tolerance the tests use (1e-5)
 
 
-def build_tiny_cross_encoder(directory: Path, num_labels: int = 1, max_position: int = 64) -> Path:
-    """Save a randomly initialised 1-layer BERT cross-encoder and its WordPiece tokenizer.
+def build_tiny_cross_encoder(
+    directory: Path, num_labels: int = 1, max_position: int = 64, seed: int = 0, layers: int = 1
+) -> Path:
+    """Save a randomly initialised BERT cross-encoder (1 layer by default) and its WordPiece tokenizer.
 
     Its weights are drawn wide enough (``initializer_range`` 0.2) that distinct pairs score far apart
     (checked here), so a permutation of scores can never pass a test's equality check.
@@ -112,14 +114,14 @@ def build_tiny_cross_encoder(directory: Path, num_labels: int = 1, max_position:
     config = BertConfig(
         vocab_size=len(vocab),
         hidden_size=32,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=max_position,
         num_labels=num_labels,
         initializer_range=0.2,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = BertForSequenceClassification(config).eval()
     _assert_scores_spread(model, tokenizer)
     directory.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic.fields import FieldInfo
 
 from jobs.settings import EvaluateSettings, JobSettings
+from reranker.cascade import CascadeSettings, CascadeStage
 from reranker.settings import ModelSettings, SettingsSection
 from serve.settings import ServingSettings
 
@@ -32,6 +33,14 @@ SECTIONS: list[tuple[str, str, type[SettingsSection], bool]] = [  # title, purpo
     ("Model", "Shared by the job (as flags) and the service (as `args` keys).", ModelSettings, True),
     ("Rescoring job", "`python -m jobs.rescore`; also `--config FILE`.", JobSettings, True),
     (
+        "Cascade",
+        "Shared by the job and the service: a list of stages (YAML list, or JSON for the flag and env "
+        "var), each with the keys below plus any model key (`model`, `precision`, `max_length`, ...; "
+        "unset ones come from the model settings). See [cascades](cascades.md).",
+        CascadeSettings,
+        True,
+    ),
+    (
         "Service",
         "`serve/`: keys of the Serve config's `args`, or env vars in the replica; the batching ones "
         "(`max_batch_pairs`, `batch_wait_timeout_s`, `max_pending_pairs`) also change live through "
@@ -48,7 +57,18 @@ def render() -> str:
     parts = [HEADER]
     for title, purpose, section, has_flags in SECTIONS:
         parts.append(f"\n## {title}\n\n{purpose}\n\n{table(section, has_flags)}")
+        if section is CascadeSettings:
+            parts.append(f"\nKeys of each stage:\n\n{stage_table()}")
     return "".join(parts)
+
+
+def stage_table() -> str:
+    """The keys a cascade stage adds to the model's."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for name, field in CascadeStage.model_fields.items():
+        if name not in ModelSettings.model_fields:
+            rows.append(f"| `{name}` | {default_of(field)} | {field.description or ''} |")
+    return "\n".join(rows) + "\n"
 
 
 def table(section: type[SettingsSection], has_flags: bool) -> str:

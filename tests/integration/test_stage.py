@@ -107,16 +107,15 @@ def operators(dataset: ray.data.Dataset) -> list[tuple[str, dict, object]]:
 
 def job_operators(pool) -> list[tuple[str, dict, object]]:
     """The rescoring job's operators (commit, score, tokenize) for a pool plan."""
-    from jobs.pipeline import build_pipeline
+    from jobs.pipeline import UnitScoring, build_pipeline
     from jobs.settings import RescoreSettings
-    from jobs.storage import InputPlan, locate
+    from jobs.storage import locate
     from jobs.units import WorkUnit
 
-    plan = InputPlan(location=locate("/tmp", {}), files=["/tmp/x"], footers=[], skipped={})
     settings = RescoreSettings.load(input="in", output="out")
-    return operators(
-        build_pipeline([WorkUnit(0, "/tmp/x", 0, 1)], plan, settings, pool, locate("/tmp/o", {}))
-    )
+    scoring = UnitScoring(locate("/tmp", {}), "query", "passage", "score")
+    unit = WorkUnit(0, "/tmp/x", 0, 1)
+    return operators(build_pipeline([unit], scoring, settings.model, pool, locate("/tmp/o", {}), 1.0))
 
 
 def test_a_missing_column_is_one_line_on_the_driver(tiny_model_dir):

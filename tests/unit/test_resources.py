@@ -136,15 +136,14 @@ def test_object_store_budget_holds_two_units_per_stage_slot():
 
 def stages(plan) -> list[tuple[str, dict, object]]:
     """(name, remote args, compute) of each operator of the job's pipeline, first to last."""
-    from jobs.pipeline import build_pipeline
+    from jobs.pipeline import UnitScoring, build_pipeline
     from jobs.storage import locate
     from jobs.units import WorkUnit
 
-    class Input:
-        location = locate("/tmp", {})
-
     settings = RescoreSettings.load(input="in", output="out")
-    dataset = build_pipeline([WorkUnit(0, "/tmp/x", 0, 1)], Input, settings, plan, locate("/tmp/o", {}))
+    scoring = UnitScoring(locate("/tmp", {}), "query", "passage", "score")
+    unit = WorkUnit(0, "/tmp/x", 0, 1)
+    dataset = build_pipeline([unit], scoring, settings.model, plan, locate("/tmp/o", {}), 1.0)
     found, operator = [], dataset._logical_plan.dag
     while operator.input_dependencies:
         found.append((operator.name, operator.ray_remote_args, operator.compute))
