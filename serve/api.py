@@ -11,7 +11,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
@@ -26,9 +26,11 @@ from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from reranker.cascade import stage_names
 from reranker.errors import RerankError
 from reranker.model import sigmoid
-from serve.engine import RerankEngine, Truncation
+from serve.cascade import CascadeRanker, Ranked, StageScorer
+from serve.engine import Truncation
 from serve.errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -85,23 +87,34 @@ RERANK_ERRORS = error_responses(400, 401, 404, 413, 422, 500, 503)
 
 @dataclass
 class RerankService:
-    """What the routes need from the replica: settings, engine, metrics."""
+    """What the routes need from the replica: settings, the stages that score (one without a cascade)."""
 
     settings: ServeSettings
-    engine: RerankEngine
+    stages: Sequence[StageScorer]
     metrics: RerankMetrics | None
     started: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        """Rank through the stages with the cascade's k (none for a single model)."""
+        stages = self.settings.stages
+        counts = [stage.rerank_count or 0 for stage in stages[:-1]]
+        self.ranker = CascadeRanker(self.stages, counts, stage_names(stages))
+
+    @property
+    def engine(self) -> StageScorer:
+        """The last (most precise) stage: what ``/score`` uses; the only one without a cascade."""
+        return self.stages[-1]
 
     @property
     def limits(self) -> RequestLimits:
         """The deployment's per-request limits."""
         serving = self.settings.serving
-        return RequestLimits(serving.max_documents, serving.max_document_chars)
+        return RequestLimits(serving.max_documents, serving.max_document_chars, serving.max_rerank_count)
 
     def check_model(self, requested: str | None) -> None:
         """Reject a request that names a model this server does not serve."""
         served = self.settings.served_model_name
-        if requested and requested not in {served, self.settings.model.model}:
+        if requested and requested not in {served, self.settings.stages[-1].model}:
             raise ModelNotFoundError(f"model: {requested!r} is not served here; use {served!r}")
 
     def count(self, route: str) -> None:
@@ -247,44 +260,64 @@ async def rerank_cohere(service: RerankService, body: RerankRequest) -> RerankRe
     service.count("rerank")
     documents = body.texts()
     truncation = Truncation(max_passage_tokens=body.max_tokens_per_doc)
-    scored = await service.engine.score([body.query] * len(documents), documents, truncation)
-    relevance = sigmoid(scored.scores)
-    order = np.argsort(-relevance, kind="stable")[: body.top_n]
+    ranked = await service.ranker.rank(body.query, documents, truncation, body.rerank_count)
+    relevance = sigmoid(ranked.scores)
     results = [
         RerankResult(
             index=int(i),
             relevance_score=float(relevance[i]),
             document=RerankDocument(text=documents[i]) if body.return_documents else None,
+            stage_scores=stage_scores(service, ranked, i, sigmoid) if body.return_stage_scores else None,
         )
-        for i in order
+        for i in ranked.order[: body.top_n]
     ]
     return RerankResponse(
         id=str(uuid.uuid4()),
         model=service.settings.served_model_name,
         results=results,
-        usage=Usage(total_tokens=scored.num_tokens),
+        usage=Usage(total_tokens=ranked.num_tokens),
         meta=RerankMeta(
-            tokens=InputTokens(input_tokens=scored.num_tokens), truncated_documents=scored.num_truncated
+            tokens=InputTokens(input_tokens=ranked.num_tokens), truncated_documents=ranked.num_truncated
         ),
     )
+
+
+def stage_scores(
+    service: RerankService, ranked: Ranked, index: int, activation: Callable[[np.ndarray], np.ndarray]
+) -> dict[str, float | None]:
+    """One document's score at each stage (through the route's activation), null where it did not reach it."""
+    scores = activation(np.array([stage[index] for stage in ranked.stage_scores], dtype=np.float32))
+    return {
+        name: None if np.isnan(score) else float(score)
+        for name, score in zip(service.ranker.names, scores, strict=True)
+    }
 
 
 async def rerank_tei(service: RerankService, body: TEIRerankRequest) -> list[TEIRank]:
     """TEI rerank: every text scored and sorted, truncated from ``truncation_direction``."""
     service.count("rerank_tei")
     truncation = Truncation(side=body.truncation_direction)
-    scored = await service.engine.score([body.query] * len(body.texts), body.texts, truncation)
-    if not body.truncate and scored.num_truncated:
+    ranked = await service.ranker.rank(body.query, body.texts, truncation, body.rerank_count)
+    if not body.truncate and ranked.num_truncated:
         raise PayloadTooLargeError(
-            f"texts: {scored.num_truncated} inputs exceed {service.engine.max_length} tokens "
+            f"texts: {ranked.num_truncated} inputs exceed {service.ranker.max_length} tokens "
             "and truncate is false"
         )
-    scores = scored.scores if body.raw_scores else sigmoid(scored.scores)
-    order = np.argsort(-scores, kind="stable")
+    activation = _identity if body.raw_scores else sigmoid
+    scores = activation(ranked.scores)
     return [
-        TEIRank(index=int(i), score=float(scores[i]), text=body.texts[i] if body.return_text else None)
-        for i in order
+        TEIRank(
+            index=int(i),
+            score=float(scores[i]),
+            text=body.texts[i] if body.return_text else None,
+            stage_scores=stage_scores(service, ranked, i, activation) if body.return_stage_scores else None,
+        )
+        for i in ranked.order
     ]
+
+
+def _identity(scores: np.ndarray) -> np.ndarray:
+    return scores
 
 
 def _info_routes() -> APIRouter:
@@ -294,7 +327,7 @@ def _info_routes() -> APIRouter:
     async def health(service: Service) -> Health:
         """200 when the model scored a batch or a probe within the health interval, else 503."""
         try:
-            await service.engine.health_check()
+            await service.ranker.health_check()
         except RuntimeError as exc:
             raise OverloadedError(str(exc)) from exc
         return Health()

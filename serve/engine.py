@@ -70,6 +70,9 @@ class Truncation:
     side: TruncationSide = "right"
 
 
+DEFAULT_TRUNCATION = Truncation()
+
+
 @dataclass(frozen=True)
 class Chunk:
     """Up to ``max_batch_pairs`` pairs of one request, with that request's truncation."""
@@ -142,9 +145,11 @@ class RerankEngine:
         batching: BatchingConfig,
         metrics: RerankMetrics | None = None,
         health_interval_s: float = HEALTH_PROBE_INTERVAL_S,
+        stage: str = "stage1",
     ) -> None:
         self.model = model
         self.metrics = metrics
+        self.stage = stage  # the metrics' stage tag (a cascade's stage name)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-model")
         self.pending_pairs = 0
         self._chunk_sizes: collections.Counter[int] = collections.Counter()  # queued or in flight
@@ -271,12 +276,13 @@ class RerankEngine:
     def _record_batch(self, requests: int, pairs: int, tokens: int, truncated: np.ndarray) -> None:
         if self.metrics is None:
             return
-        self.metrics.batch_requests.observe(requests)
-        self.metrics.batch_pairs.observe(pairs)
-        self.metrics.pairs.inc(pairs)
-        self.metrics.tokens.inc(tokens)
+        tags = {"stage": self.stage}
+        self.metrics.batch_requests.observe(requests, tags=tags)
+        self.metrics.batch_pairs.observe(pairs, tags=tags)
+        self.metrics.pairs.inc(pairs, tags=tags)
+        self.metrics.tokens.inc(tokens, tags=tags)
         if truncated.any():  # Ray counters reject increments of 0
-            self.metrics.truncated.inc(int(truncated.sum()))
+            self.metrics.truncated.inc(int(truncated.sum()), tags=tags)
 
     async def health_check(self) -> None:
         """Raise unless the model scored a batch or a probe within the health interval."""

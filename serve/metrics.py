@@ -14,10 +14,16 @@ class RerankMetrics:
     def __init__(self) -> None:
         self.requests = Counter("rerank_requests_total", "Rerank requests by route.", tag_keys=("route",))
         self.errors = Counter("rerank_errors_total", "Error responses by type.", tag_keys=("type",))
-        self.pairs = Counter("rerank_pairs_scored_total", "Query-passage pairs scored.")
-        self.tokens = Counter("rerank_tokens_total", "Tokens fed to the model.")
-        self.truncated = Counter("rerank_pairs_truncated_total", "Pairs cut to max_length.")
-        self.batch_pairs = Histogram("rerank_batch_pairs", "Pairs per model batch.", boundaries=_PAIR_BUCKETS)
+        stage = ("stage",)  # a cascade's stage name; stage1 for a single model
+        self.pairs = Counter("rerank_pairs_scored_total", "Query-passage pairs scored.", tag_keys=stage)
+        self.tokens = Counter("rerank_tokens_total", "Tokens fed to the model.", tag_keys=stage)
+        self.truncated = Counter("rerank_pairs_truncated_total", "Pairs cut to max_length.", tag_keys=stage)
+        self.batch_pairs = Histogram(
+            "rerank_batch_pairs", "Pairs per model batch.", boundaries=_PAIR_BUCKETS, tag_keys=stage
+        )
         self.batch_requests = Histogram(
-            "rerank_batch_requests", "Requests coalesced into one model batch.", boundaries=_REQUEST_BUCKETS
+            "rerank_batch_requests",
+            "Requests coalesced into one model batch.",
+            boundaries=_REQUEST_BUCKETS,
+            tag_keys=stage,
         )

@@ -23,6 +23,12 @@ class RequestLimits:
 
     max_documents: int
     max_document_chars: int
+    max_rerank_count: int = 100
+
+    def check_rerank_count(self, rerank_count: int | None) -> None:
+        """Raise ``ValueError`` if a request asks a cascade to pass on more than the deployment allows."""
+        if rerank_count is not None and rerank_count > self.max_rerank_count:
+            raise ValueError(f"rerank_count: {rerank_count} is over the limit of {self.max_rerank_count}")
 
     def check(self, field: str, texts: Iterable[str], what: str) -> None:
         """Raise ``ValueError`` naming ``field`` if there are too many texts or one is too long."""
@@ -84,6 +90,10 @@ class RerankRequest(BaseModel):
     max_tokens_per_doc: int | None = Field(
         None, ge=1, le=MAX_TOKENS_PER_DOC, description="Cut each document to this many tokens."
     )
+    rerank_count: int | None = Field(
+        None, ge=1, description="Cascades only: documents the last stage rescores (default: configured)."
+    )
+    return_stage_scores: bool = Field(False, description="Add each stage's score to every result.")
 
     @field_validator("documents")
     @classmethod
@@ -99,6 +109,7 @@ class RerankRequest(BaseModel):
         """Raise ``ValueError`` naming the field that breaks the deployment's limits."""
         limits.check("query", [self.query], "query")
         limits.check("documents", self.texts(), "a document")
+        limits.check_rerank_count(self.rerank_count)
 
 
 class TEIRerankRequest(BaseModel):
@@ -111,6 +122,10 @@ class TEIRerankRequest(BaseModel):
     return_text: bool = False
     truncate: bool = True
     truncation_direction: TruncationSide = "right"
+    rerank_count: int | None = Field(
+        None, ge=1, description="Cascades only: documents the last stage rescores (default: configured)."
+    )
+    return_stage_scores: bool = Field(False, description="Add each stage's score to every result.")
 
     @field_validator("texts")
     @classmethod
@@ -128,6 +143,7 @@ class TEIRerankRequest(BaseModel):
         """Raise ``ValueError`` naming the field that breaks the deployment's limits."""
         limits.check("query", [self.query], "query")
         limits.check("texts", self.texts, "a text")
+        limits.check_rerank_count(self.rerank_count)
 
 
 def _rerank_kind(body: Any) -> str:
@@ -170,12 +186,22 @@ class RerankDocument(BaseModel):
     text: str
 
 
+StageScores = Annotated[
+    dict[str, float | None] | None,
+    Field(
+        exclude_if=lambda value: value is None,
+        description="With return_stage_scores: each stage's score (null where it did not reach the stage).",
+    ),
+]
+
+
 class RerankResult(BaseModel):
     """One scored document: its index in the request and its relevance score."""
 
     index: int
     relevance_score: float
     document: RerankDocument | None = None
+    stage_scores: StageScores = None
 
 
 class Usage(BaseModel):
@@ -227,6 +253,7 @@ class TEIRank(BaseModel):
     index: int
     score: float
     text: str | None = None
+    stage_scores: StageScores = None
 
 
 class ScoreResponse(BaseModel):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Literal, Self
 
 import pydantic
 from pydantic import Field, model_validator
 
+from reranker.cascade import CascadeSettings, CascadeStage, resolve_stages
 from reranker.settings import ComposedSettings, ModelSettings, SettingsSection
 
 
@@ -26,6 +27,16 @@ class ServingSettings(SettingsSection):
     health_probe_interval_s: float = Field(
         10.0, gt=0, description="Health checks probe the model at most this often (a scored batch counts)."
     )
+    max_rerank_count: int = Field(
+        100,
+        ge=1,
+        description="Cascades: the most documents a request's rerank_count may pass to the last stage.",
+    )
+    cascade_layout: Literal["one_replica", "deployment_per_stage"] = Field(
+        "one_replica",
+        description="Cascades: every stage in each replica, or each stage its own deployment (own "
+        "replicas, autoscaling and resources) behind an ingress that calls them by handle.",
+    )
 
 
 class ServeSettings(ComposedSettings):
@@ -33,10 +44,11 @@ class ServeSettings(ComposedSettings):
 
     model: ModelSettings
     serving: ServingSettings
+    cascade: CascadeSettings
 
     @model_validator(mode="after")
     def _no_model_activation(self) -> Self:
-        if self.model.activation != "none":
+        if any(stage.activation != "none" for stage in self.stages):
             raise ValueError(
                 "activation: not a service setting; each API defines its scores (/v1/rerank: sigmoid "
                 "relevance; /rerank and /score: raw_scores per request), so leave it unset"
@@ -44,6 +56,11 @@ class ServeSettings(ComposedSettings):
         return self
 
     @property
+    def stages(self) -> list[CascadeStage]:
+        """The scoring stages: the cascade's, each completed from the model settings; else the model."""
+        return resolve_stages(self.model, self.cascade.cascade)
+
+    @property
     def served_model_name(self) -> str:
-        """The name clients send and see: ``served_model_name``, else the model id."""
-        return self.serving.served_model_name or self.model.model
+        """The name clients send and see: ``served_model_name``, else the (last stage's) model id."""
+        return self.serving.served_model_name or self.stages[-1].model

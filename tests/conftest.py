@@ -36,6 +36,14 @@ def tiny_model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
+def larger_model(larger_model_dir: Path):  # type: ignore[no-untyped-def]
+    """The second tiny model, loaded."""
+    from reranker.model import CrossEncoderModel
+
+    return CrossEncoderModel(str(larger_model_dir))
+
+
+@pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """One local Ray instance for the whole test session (keeps CI fast)."""
     import ray

@@ -44,12 +44,25 @@ class RecordingMetrics:
 
 
 def make_app(model: Any, **settings: Any) -> FastAPI:
-    """A fresh app whose service scores with ``model`` (a loaded CrossEncoderModel)."""
-    serve_settings = ServeSettings.load(model=model.name, **settings)
+    """A fresh app whose service scores with ``model`` (a loaded CrossEncoderModel), or with a cascade
+    of loaded models (a list; pass ``rerank_count``, the k of each stage but the last)."""
+    models = model if isinstance(model, list) else [model]
+    counts = settings.pop("rerank_count", None)
+    if len(models) > 1:
+        counts = counts if isinstance(counts, list) else [counts] * (len(models) - 1)
+        settings["cascade"] = [
+            {"model": each.name, **({"rerank_count": k} if k else {})}
+            for each, k in zip(models, [*counts, None], strict=True)
+        ]
+    serve_settings = ServeSettings.load(model=models[0].name, **settings)
     metrics = RecordingMetrics()
-    engine = RerankEngine(model, batching_config(serve_settings), metrics)  # type: ignore[arg-type]
+    names = [f"stage{number}" for number in range(1, len(models) + 1)]
+    engines = [
+        RerankEngine(each, batching_config(serve_settings), metrics, stage=name)  # type: ignore[arg-type]
+        for each, name in zip(models, names, strict=True)
+    ]
     app = create_api()
-    app.state.service = RerankService(serve_settings, engine, metrics)  # type: ignore[arg-type]
+    app.state.service = RerankService(serve_settings, engines, metrics)  # type: ignore[arg-type]
     return app
 
 

@@ -79,9 +79,8 @@ def test_lowering_the_cap_while_requests_are_queued_fails_none(tiny_model):
     """max_batch_pairs 8 -> 2 by user_config with 8-pair chunks queued: every request scores, unchanged."""
     release = threading.Event()
     held = InstrumentedModel(tiny_model, hook=lambda queries, passages: release.wait(10))
-    replica = SimpleNamespace(
-        service=SimpleNamespace(engine=RerankEngine(held, CONFIG.updated({"max_batch_pairs": 8})))
-    )  # type: ignore[arg-type]
+    engine = RerankEngine(held, CONFIG.updated({"max_batch_pairs": 8}))  # type: ignore[arg-type]
+    replica = SimpleNamespace(service=SimpleNamespace(engine=engine, stages=[engine]))
     requests = [[f"passage {i} {word}" for word in ("solar", "sun", "wind", "moon") * 2] for i in range(6)]
 
     async def scenario() -> list:

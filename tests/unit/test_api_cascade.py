@@ -1,0 +1,87 @@
+"""A cascade behind the rerank routes, in-process: stage 1 scores every document, stage 2 the best k."""
+
+import numpy as np
+import pytest
+
+from reranker.model import sigmoid
+from tests.serve_helpers import serving
+
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("serve_batch_outside_serve")]
+
+QUERY = "how do solar panels work"
+DOCS = [
+    "solar panels convert sunlight",
+    "bananas are yellow",
+    "the sun makes energy",
+    "python language",
+    "wind farms at sea",
+    "basil needs water",
+]
+
+
+def rerank(client, body, path="/v1/rerank"):
+    response = client.post(path, json={"query": QUERY, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank"])
+def test_k_equal_to_the_documents_is_stage_2_alone(tiny_model, larger_model, path):
+    """Every document reaches stage 2: the same order and scores as stage 2 served alone (Cohere, TEI)."""
+    key = "documents" if path == "/v1/rerank" else "texts"
+    cascade_app = serving([tiny_model, larger_model], rerank_count=len(DOCS))
+    with cascade_app as cascade, serving(larger_model) as alone:
+        ours, theirs = rerank(cascade, {key: DOCS}, path), rerank(alone, {key: DOCS}, path)
+    ours, theirs = (payload["results"] if path == "/v1/rerank" else payload for payload in (ours, theirs))
+    assert [r["index"] for r in ours] == [r["index"] for r in theirs]
+    score = "relevance_score" if path == "/v1/rerank" else "score"
+    np.testing.assert_allclose([r[score] for r in ours], [r[score] for r in theirs], atol=1e-5)
+
+
+def test_the_best_k_go_to_stage_2_and_the_rest_keep_stage_1_order(tiny_model, larger_model):
+    """k=2: stage 1's best two, ordered by stage 2, rank above the rest, which follow in stage-1 order;
+    each stage's score is returned on request (null where a document did not reach stage 2)."""
+    first = tiny_model.score([QUERY] * len(DOCS), DOCS).scores
+    second = larger_model.score([QUERY] * len(DOCS), DOCS).scores
+    best_two = sorted(np.argsort(-first, kind="stable")[:2], key=lambda i: -second[i])
+    rest = [int(i) for i in np.argsort(-first, kind="stable")[2:]]
+    with serving([tiny_model, larger_model], rerank_count=2) as client:
+        results = rerank(client, {"documents": DOCS, "return_stage_scores": True})["results"]
+        plain = rerank(client, {"documents": DOCS})["results"]
+    assert [r["index"] for r in results] == [int(i) for i in best_two] + rest
+    for result in results:
+        stages, i = result["stage_scores"], result["index"]
+        assert stages["stage1"] == pytest.approx(float(sigmoid(first[i])), abs=1e-5)
+        if i in best_two:
+            assert stages["stage2"] == pytest.approx(float(sigmoid(second[i])), abs=1e-5)
+            assert result["relevance_score"] == stages["stage2"]
+        else:
+            assert stages["stage2"] is None and result["relevance_score"] == stages["stage1"]
+    assert all("stage_scores" not in result for result in plain)  # the Cohere shape is unchanged by default
+
+
+def test_a_request_can_change_k_within_the_configured_maximum(tiny_model, larger_model):
+    """rerank_count in the body replaces the configured k; past max_rerank_count it is a 422."""
+    with serving([tiny_model, larger_model], rerank_count=1, max_rerank_count=4) as client:
+        body = {"documents": DOCS, "return_stage_scores": True}
+        reached = [r for r in rerank(client, body)["results"] if r["stage_scores"]["stage2"] is not None]
+        assert len(reached) == 1
+        wider = rerank(client, {**body, "rerank_count": 4})["results"]
+        assert sum(r["stage_scores"]["stage2"] is not None for r in wider) == 4
+        tei = rerank(client, {"texts": DOCS, "rerank_count": 3, "return_stage_scores": True}, "/rerank")
+        assert sum(r["stage_scores"]["stage2"] is not None for r in tei) == 3
+        response = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS, "rerank_count": 5})
+    assert response.status_code == 422 and "rerank_count" in response.json()["error"]["message"]
+
+
+def test_score_uses_the_last_stage_and_metrics_are_per_stage(tiny_model, larger_model):
+    """/score is single-stage (the last, most precise model); pair counts are tagged by stage."""
+    with serving([tiny_model, larger_model], rerank_count=2) as client:
+        scores = client.post("/score", json={"pairs": [[QUERY, doc] for doc in DOCS]}).json()["scores"]
+        rerank(client, {"documents": DOCS})
+        metrics = client.app.state.service.metrics
+    np.testing.assert_allclose(scores, larger_model.score([QUERY] * len(DOCS), DOCS).scores, atol=1e-5)
+    by_stage: dict[str, float] = {}
+    for value, tags in zip(metrics.pairs.values, metrics.pairs.tags, strict=True):
+        by_stage[tags["stage"]] = by_stage.get(tags["stage"], 0) + value
+    assert by_stage == {"stage1": len(DOCS), "stage2": len(DOCS) + 2}
