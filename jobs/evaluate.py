@@ -92,26 +92,26 @@ def iter_scores(settings: EvaluateSettings) -> Iterator[pd.DataFrame]:
 
     """
     assert settings.scores is not None
-    columns = [settings.query_column, settings.doc_column, settings.score_column]
+    ordering = settings.rank_column or settings.score_column
+    columns = [settings.query_column, settings.doc_column, ordering]
     location, files = find_input_files(settings.scores, settings.storage_options)
     for path, footer in zip(files, read_footers(location, files), strict=True):
         if isinstance(footer, InputError):
             raise footer
         schema = footer.schema
         check_present_columns(schema, columns, path)
-        score_type = schema.field(settings.score_column).type
+        score_type = schema.field(ordering).type
         if not (pa.types.is_floating(score_type) or pa.types.is_integer(score_type)):
-            raise InputError(
-                f"column {settings.score_column!r} in {path} has type {score_type}; expected a number"
-            )
+            raise InputError(f"column {ordering!r} in {path} has type {score_type}; expected a number")
     filesystem = location.arrow_filesystem() or pafs.LocalFileSystem()
     dataset = pads.dataset(files, format="parquet", filesystem=filesystem)
+    sign = -1.0 if settings.rank_column else 1.0  # rank 1 is the best: its score is the highest
     for batch in dataset.to_batches(columns=columns, batch_size=RUN_CHUNK_ROWS):
         yield pd.DataFrame(
             {
                 "query_id": pc.cast(batch.column(0), pa.string()).to_pandas(),
                 "doc_id": pc.cast(batch.column(1), pa.string()).to_pandas(),
-                "score": pc.cast(batch.column(2), pa.float64()).to_pandas(),
+                "score": sign * pc.cast(batch.column(2), pa.float64()).to_pandas(),
             }
         )
 

@@ -92,6 +92,9 @@ class EvaluateSettings(SettingsSection):
     query_column: str = Field("qid", description="Query-id column of --scores.")
     doc_column: str = Field("pid", description="Document-id column of --scores.")
     score_column: str = Field("score", description="Score column of --scores.")
+    rank_column: str | None = Field(
+        None, description="Order by this 1-based rank column instead (a cascade's output: rank)."
+    )
     relevance_threshold: int = Field(2, ge=1, description="Lowest grade counted relevant by mrr and recall.")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (JSON), e.g. endpoint_url for S3."

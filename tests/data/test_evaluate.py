@@ -83,6 +83,27 @@ def test_run_file_equals_parquet_scores(tmp_path, capsys):
     assert from_run == from_parquet and from_run is not None and from_run["queries"] == 2
 
 
+def test_a_rank_column_orders_like_the_scores_it_came_from(tmp_path, capsys):
+    """--rank-column (a cascade's output) evaluates as the scores that produced those ranks."""
+    run = random_run(2, queries=4, docs=30)
+    run["score"] = np.random.default_rng(3).permutation(len(run)).astype(float)  # no ties
+    qrels = write_qrels(
+        tmp_path / "qrels.txt",
+        [(q, d, int(d[1:]) % 4) for q, d in zip(run.query_id, run.doc_id, strict=True)],
+    )
+    ranks = run.groupby("query_id")["score"].rank(ascending=False, method="first").astype(int)
+    table = run.assign(rank=ranks, score=0.0).rename(columns={"query_id": "qid", "doc_id": "pid"})
+    pq.write_table(pa.Table.from_pandas(table), tmp_path / "ranked.parquet")
+    pq.write_table(
+        pa.Table.from_pandas(run.rename(columns={"query_id": "qid", "doc_id": "pid"})), tmp_path / "s.parquet"
+    )
+    _, by_score, _ = run_cli(capsys, "--scores", str(tmp_path / "s.parquet"), "--qrels", qrels)
+    _, by_rank, _ = run_cli(
+        capsys, "--scores", str(tmp_path / "ranked.parquet"), "--qrels", qrels, "--rank-column", "rank"
+    )
+    assert by_rank == by_score and by_score is not None and by_score["ndcg@10"] > 0
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
