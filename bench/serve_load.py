@@ -107,12 +107,14 @@ def run_level(url: str, bodies: list[bytes], pairs_per_body: list[int], concurre
     }
 
 
-def start_server(model: str, url: str, env_vars: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """`serve run configs/serve.yaml` in its own process, as users run it; wait for /health."""
+def start_server(
+    model: str, url: str, env_vars: dict[str, str] | None = None, config: Path | str = "configs/serve.yaml"
+) -> subprocess.Popen[bytes]:
+    """`serve run CONFIG` (default: the shipped one) in its own process, as users run it; wait for /health."""
     env = {**os.environ, "RERANK_MODEL": model, **(env_vars or {})}
     serve_cli = str(Path(sys.executable).with_name("serve"))
     process = subprocess.Popen(
-        [serve_cli, "run", "configs/serve.yaml"],
+        [serve_cli, "run", str(config)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -85,3 +85,37 @@ def test_score_uses_the_last_stage_and_metrics_are_per_stage(tiny_model, larger_
     for value, tags in zip(metrics.pairs.values, metrics.pairs.tags, strict=True):
         by_stage[tags["stage"]] = by_stage.get(tags["stage"], 0) + value
     assert by_stage == {"stage1": len(DOCS), "stage2": len(DOCS) + 2}
+
+
+class FailingHandle:
+    """A deployment handle whose ``score`` call fails with ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.score = self
+
+    def remote(self, *args):
+        async def fail():
+            raise self.error
+
+        return fail()
+
+
+def test_a_stage_deployment_that_is_overloaded_is_a_503_not_a_500():
+    """Through a handle: Serve's backpressure and the stage's own overload both come back as
+    OverloadedError (the routes' 503 with Retry-After), without the remote traceback in the message."""
+    import asyncio
+
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import BackPressureError
+
+    from serve.cascade import RemoteStage
+    from serve.errors import OverloadedError
+
+    busy = OverloadedError("server busy: 9000 pairs queued (limit 8192)")
+    remote_error = RayTaskError("score", "Traceback (most recent call last): ...", busy)
+    backpressure = BackPressureError(num_queued_requests=129, max_queued_requests=128)
+    for error, words in ((remote_error, "server busy: 9000"), (backpressure, "cascade stage is busy")):
+        with pytest.raises(OverloadedError, match=words) as raised:
+            asyncio.run(RemoteStage(FailingHandle(error), 512).score(["q"], ["p"]))
+        assert "Traceback" not in str(raised.value)

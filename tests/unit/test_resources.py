@@ -181,3 +181,23 @@ def test_the_pipeline_uses_no_deprecated_ray_data_arguments(caplog):
         ray_data_logger.removeHandler(caplog.handler)
     deprecations = [record.getMessage() for record in caplog.records if "deprecated" in record.getMessage()]
     assert len(deprecations) == 1 and "concurrency" in deprecations[0]
+
+
+def test_a_cpu_stage_1_and_a_gpu_stage_2_size_their_own_pools():
+    """On an 8-GPU node (checked on CPU): a cascade's stage with gpus 0 gets CPU actors, the next one
+    actor per GPU; the service gives each stage deployment the same resources by default."""
+    from jobs.cascade import stage_sizing
+    from serve.app import stage_resources
+
+    settings = RescoreSettings.load(
+        group_column="qid",
+        cascade=[{"model": "a", "rerank_count": 20, "gpus": 0, "cpus": 4}, {"model": "b", "gpus": 1}],
+    )
+    node = [{"CPU": 96.0, "GPU": 8.0}]
+    first, second = (plan_actor_pool(node, stage_sizing(stage, settings.job)) for stage in settings.stages)
+    assert (first.gpus_per_actor, first.cpus_per_actor, first.num_actors) == (0.0, 4.0, 23)
+    assert (second.gpus_per_actor, second.num_actors) == (1.0, 8)
+    assert [stage_resources(stage) for stage in settings.stages] == [
+        {"num_cpus": 4, "num_gpus": 0.0},
+        {"num_cpus": 1.0, "num_gpus": 1},
+    ]
