@@ -2,9 +2,10 @@
 
 (a) ``CrossEncoder.predict`` (default batch size), (b) the model class in-process
 (``CrossEncoderModel.score``), (c) the Ray Data job end to end as a user runs it (``python -m
-jobs.rescore`` as a subprocess, Ray start-up included). Prints one JSON object.
+jobs.rescore`` as a subprocess, Ray start-up included), (d) the same job on the same pairs split into
+many small files (``--small-files``, default 200: the unit-packing case). Prints one JSON object.
 
-    python -m bench.rescore_bench [--pairs 100000] [--files 10] [--model DIR] [--job-args '...']
+    python -m bench.rescore_bench [--pairs 100000] [--files 10] [--small-files 200] [--model DIR]
 """
 
 from __future__ import annotations
@@ -107,6 +108,12 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=10)
     parser.add_argument("--model", default=str(TWIN_MODEL))
     parser.add_argument("--job-args", default="", help="extra job flags, e.g. '--rows-per-unit 20000'")
+    parser.add_argument(
+        "--small-files",
+        type=int,
+        default=200,
+        help="also run the job on the same pairs in this many files (0: no)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="rescore-bench-") as workdir:
@@ -116,6 +123,12 @@ def main() -> None:
         predict, predict_scores = time_cross_encoder(args.model, table)
         in_process, in_process_scores = time_model_class(args.model, table)
         job, job_scores = time_job(args.model, input_dir, Path(workdir) / "out", args.job_args.split())
+        small = None
+        if args.small_files:
+            small_dir = split_into_files(table, Path(workdir) / "small", args.small_files)
+            small, small_scores = time_job(
+                args.model, small_dir, Path(workdir) / "out-small", args.job_args.split()
+            )
     report: dict[str, Any] = {
         "pairs": args.pairs,
         "files": args.files,
@@ -129,7 +142,24 @@ def main() -> None:
         "max_abs_diff_b_vs_a": float(np.max(np.abs(in_process_scores - predict_scores))),
         "max_abs_diff_c_vs_a": float(np.max(np.abs(job_scores - predict_scores))),
     }
+    if small is not None:
+        report |= {
+            "d_job_many_small_files": {"files": args.small_files, **small},
+            "ratio_d_over_a": round(small["pairs_per_s"] / predict["pairs_per_s"], 3),
+            "ratio_d_over_c": round(small["pairs_per_s"] / job["pairs_per_s"], 3),
+            "max_abs_diff_d_vs_a": float(np.max(np.abs(small_scores - predict_scores))),
+        }
     print(json.dumps(report, indent=2))
+
+
+def split_into_files(table: pa.Table, directory: Path, num_files: int) -> Path:
+    """The same pairs as ``num_files`` Parquet files (the many-small-files shape)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, table.num_rows, num_files + 1).astype(int)
+    for index in range(num_files):
+        piece = table.slice(int(bounds[index]), int(bounds[index + 1] - bounds[index]))
+        pq.write_table(piece, directory / f"pairs-{index:05d}.parquet")
+    return directory
 
 
 if __name__ == "__main__":

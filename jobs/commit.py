@@ -19,6 +19,7 @@ import logging
 import posixpath
 import uuid
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,7 +36,7 @@ TMP_DIR = "_tmp"
 COUNTS_KEY = b"rerank.counts"
 
 
-def commit_table(location: Location, name: str, table: pa.Table, counts: Mapping[str, int]) -> None:
+def commit_table(location: Location, name: str, table: pa.Table, counts: Mapping[str, Any]) -> None:
     """Write ``table`` as ``location/name`` so no reader ever sees it half-written.
 
     Local disk: written under ``_tmp/`` and renamed into place. Object stores: one upload, which
@@ -61,10 +62,10 @@ def commit_table(location: Location, name: str, table: pa.Table, counts: Mapping
     with_retries(write, f"writing {final}")
 
 
-def committed_counts(location: Location, names: Sequence[str]) -> dict[str, dict[str, int]]:
+def committed_counts(location: Location, names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The counts each committed unit file carries in its footer, by file name."""
 
-    def counts_of(name: str) -> dict[str, int]:
+    def counts_of(name: str) -> dict[str, Any]:
         path = posixpath.join(location.path, name)
         with location.fs.open(path, "rb") as handle:
             metadata = pq.ParquetFile(handle).schema_arrow.metadata or {}

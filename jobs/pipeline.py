@@ -34,7 +34,7 @@ from jobs.retries import is_transient, with_retries
 from jobs.settings import JobSettings
 from jobs.stage import ScoreRows, ScoringSteps, append_scoring, tokenize_rows
 from jobs.storage import Location
-from jobs.units import WorkUnit, read_unit
+from jobs.units import WorkUnit, read_range
 from reranker.errors import InputError
 from reranker.settings import ModelOptions
 
@@ -46,7 +46,9 @@ UNIT_FIELDS = [
     pa.field("path", pa.string()),
     pa.field("row_start", pa.int64()),
     pa.field("row_stop", pa.int64()),
+    pa.field("more_files", pa.string()),  # JSON [[file_index, path, row_start, row_stop], ...]
     pa.field("error", pa.string()),
+    pa.field("skipped", pa.string()),  # JSON {path: reason}: packed files left out (--on-bad-file skip)
     pa.field("timings", pa.string()),
 ]
 TOKENIZED_SCHEMA = pa.schema([*UNIT_FIELDS, pa.field("table", pa.large_binary())])
@@ -66,6 +68,7 @@ class UnitScoring:
     score_column: str
     position_column: str | None = None  # add each row's input position (first pass of a ranked job)
     select_column: str | None = None  # score only the rows where this bool column is true
+    skip_bad_files: bool = False  # a packed unit leaves out its unreadable files (--on-bad-file skip)
 
 
 def build_pipeline(
@@ -87,6 +90,7 @@ def build_pipeline(
             "query_column": scoring.query_column,
             "passage_column": scoring.passage_column,
             "select_column": scoring.select_column,
+            "skip_bad_files": scoring.skip_bad_files,
         },
         scorer_kwargs={"score_column": scoring.score_column, "position_column": scoring.position_column},
     )
@@ -131,7 +135,7 @@ def score_units(
                 if job.on_bad_file == "fail":
                     raise InputError(row["error"] + " (pass --on-bad-file skip to leave bad files out)")
                 logger.warning("skipping %s", row["error"])
-                bad_files[row["path"]] = row["error"]
+                bad_files.update(json.loads(row["skipped"]))
                 continue
             timings.append(json.loads(row["timings"]))
             logger.info("committed %s (%d/%d)", row["name"], done, len(units))
@@ -165,7 +169,9 @@ def unit_rows(units: Sequence[WorkUnit]) -> list[dict[str, Any]]:
             "path": u.path,
             "row_start": u.row_start,
             "row_stop": u.row_stop,
+            "more_files": json.dumps([[p.file_index, p.path, p.row_start, p.row_stop] for p in u.more_files]),
             "error": None,
+            "skipped": "{}",
             "timings": "{}",
         }
         for u in units
@@ -192,24 +198,60 @@ def tokenize_units(
     query_column: str,
     passage_column: str,
     select_column: str | None = None,
+    skip_bad_files: bool = False,
 ) -> pa.Table:
-    """Ray Data task: read each unit's rows and tokenize them on CPU (a bad file becomes an error row)."""
+    """Ray Data task: read each unit's rows and tokenize them on CPU.
+
+    A unit that can't be read becomes an error row naming the file (never committed). With
+    ``skip_bad_files``, a packed unit leaves out only its unreadable files and says so in ``skipped``.
+    """
     rows = []
     for unit in batch.to_pylist():
         started = time.perf_counter()
+        tables, skipped = read_parts(source, _unit(unit), skip_bad_files)
+        if not tables:
+            path, error = next(iter(skipped.items()))
+            rows.append({**unit, "path": path, "error": error, "skipped": json.dumps(skipped)})
+            continue
+        read_s = time.perf_counter() - started
+        table = pa.concat_tables(table for _, table in tables)
+        tokenized = tokenize_rows(table, model_options, query_column, passage_column, select_column)
+        timings = {"read_s": read_s, "tokenize_s": time.perf_counter() - started - read_s}
+        read = [part for part, _ in tables]
+        rows.append(
+            {
+                **_unit_fields(WorkUnit(*_range(read[0]), tuple(read[1:]))),
+                "name": unit["name"],  # the planned unit's name, whatever was left out
+                "table": to_ipc(tokenized),
+                "skipped": json.dumps(skipped),
+                "timings": json.dumps(timings),
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA)
+
+
+def read_parts(
+    source: Location, unit: WorkUnit, skip_bad_files: bool
+) -> tuple[list[tuple[WorkUnit, pa.Table]], dict[str, str]]:
+    """Each readable part of the unit with its rows, and the unreadable files with the reason.
+
+    Reading stops at the first bad file unless the unit is packed and ``skip_bad_files`` is set.
+
+    Raises:
+        Exception: A transient storage error that survived the retries (the task is retried).
+    """
+    tables, skipped = [], {}
+    for part in unit.parts:
         try:
-            reading = functools.partial(read_unit, source.fs, _unit(unit))
-            table = with_retries(reading, f"reading {unit['path']}")
+            reading = functools.partial(read_range, source.fs, part)
+            tables.append((part, with_retries(reading, f"reading {part.path}")))
         except Exception as exc:
             if is_transient(exc):
                 raise
-            rows.append({**unit, "error": f"cannot read Parquet file {unit['path']}: {_first_line(exc)}"})
-            continue
-        read_s = time.perf_counter() - started
-        tokenized = tokenize_rows(table, model_options, query_column, passage_column, select_column)
-        timings = {"read_s": read_s, "tokenize_s": time.perf_counter() - started - read_s}
-        rows.append({**unit, "table": to_ipc(tokenized), "timings": json.dumps(timings)})
-    return pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA)
+            skipped[part.path] = f"cannot read Parquet file {part.path}: {_first_line(exc)}"
+            if not (skip_bad_files and unit.more_files):
+                return [], skipped
+    return tables, skipped
 
 
 class ScoreUnits(ScoreRows):
@@ -231,6 +273,9 @@ class ScoreUnits(ScoreRows):
             return {**row, "table": None, "counts": None}
         started, started_at = time.perf_counter(), time.time()
         scored, counts = self.score_table(from_ipc(row["table"]))
+        skipped = json.loads(row["skipped"])
+        if skipped:  # kept in the unit's footer, so a resumed run still reports them
+            counts = {**counts, "skipped_files": skipped}
         if self.position_column is not None:
             scored = scored.append_column(self.position_column, input_positions(_unit(row)))
         timings = {
@@ -265,7 +310,17 @@ def stage_seconds(timings: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 
 def _unit(row: dict[str, Any]) -> WorkUnit:
-    return WorkUnit(row["file_index"], row["path"], row["row_start"], row["row_stop"])
+    more = tuple(WorkUnit(*part) for part in json.loads(row["more_files"]))
+    return WorkUnit(row["file_index"], row["path"], row["row_start"], row["row_stop"], more)
+
+
+def _range(part: WorkUnit) -> tuple[int, str, int, int]:
+    return part.file_index, part.path, part.row_start, part.row_stop
+
+
+def _unit_fields(unit: WorkUnit) -> dict[str, Any]:
+    """A unit's fields as the pipeline's rows carry them."""
+    return {key: value for key, value in unit_rows([unit])[0].items() if key not in ("skipped", "timings")}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -31,8 +31,11 @@ RANKING_DIR = "_ranking"
 
 def input_positions(unit: WorkUnit) -> pa.Array:
     """Each row's place in the whole input (file order, then row order), as int64."""
-    first = (unit.file_index << _ROWS_PER_FILE_BITS) + unit.row_start
-    return pa.array(np.arange(first, first + unit.num_rows, dtype=np.int64))
+    ranges = [
+        np.arange(part.row_start, part.row_stop, dtype=np.int64) + (part.file_index << _ROWS_PER_FILE_BITS)
+        for part in unit.parts
+    ]
+    return pa.array(np.concatenate(ranges))
 
 
 def rank_group(

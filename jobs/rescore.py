@@ -106,9 +106,11 @@ def run(settings: RescoreSettings) -> JobSummary:
     bad_files = dict(plan.skipped)
     if todo:
         bad_files.update(score_first_stage(todo, plan, settings, versions[0], scored_at))
-    kept = [unit.name for unit in units if unit.path not in bad_files]
-    remove_files(scored_at, [unit.name for unit in units if unit.path in bad_files])
+    kept, dropped = kept_units(units, list_names(scored_at), bad_files)
+    remove_files(scored_at, dropped)
     counts = committed_counts(scored_at, kept)
+    for unit_counts in counts.values():  # packed files left out, by this run or an earlier one
+        bad_files.update(unit_counts.get("skipped_files", {}))
     later: list[int] = []
     if not kept:  # an empty input, or every unit turned out bad: one empty file with the full schema
         write_empty_output(output, output_schema(plan.schema, settings))
@@ -122,6 +124,22 @@ def run(settings: RescoreSettings) -> JobSummary:
     scored_now = sum(counts[unit.name]["scored"] for unit in todo if unit.name in counts)
     progress = (len(units), len(committed), scored_now)
     return finish(output, counts, progress, bad_files, started, later)
+
+
+def kept_units(
+    units: Sequence[WorkUnit], committed: set[str], bad_files: Mapping[str, str]
+) -> tuple[list[str], list[str]]:
+    """The units whose output stays, and the committed ones to delete.
+
+    A unit stays when it was committed, unless it is a range of a file that turned out bad in
+    another unit (a bad file is left out whole); a packed unit left out its bad files itself.
+    """
+    kept: list[str] = []
+    dropped: list[str] = []
+    for unit in units:
+        whole_file_bad = not unit.more_files and unit.path in bad_files
+        (dropped if whole_file_bad or unit.name not in committed else kept).append(unit.name)
+    return kept, dropped
 
 
 def check_stages(stages: Sequence[CascadeStage]) -> list[str]:
@@ -145,14 +163,17 @@ def score_first_stage(
     job, stage = settings.job, settings.stages[0]
     score_column = (_stage_columns(settings) or [job.score_column])[0]
     position = POSITION_COLUMN if job.group_column else None
-    scoring = UnitScoring(plan.location, job.query_column, job.passage_column, score_column, position)
+    skip = job.on_bad_file == "skip"
+    scoring = UnitScoring(
+        plan.location, job.query_column, job.passage_column, score_column, position, skip_bad_files=skip
+    )
     options = pinned_model(model_options(stage), version)
     return score_units(units, scoring, options, job, destination, stage_sizing(stage, job))
 
 
 def finish(
     output: Location,
-    counts: Mapping[str, Mapping[str, int]],
+    counts: Mapping[str, Mapping[str, Any]],
     units: tuple[int, int, int],
     bad_files: Mapping[str, str],
     started: float,

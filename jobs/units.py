@@ -1,8 +1,10 @@
 """Work units: the job's unit of scoring, commit and resume.
 
-A unit is a contiguous row range of one input file (whole row groups where they are small
-enough). Its output file name is derived from the file's position in the sorted input and the
-range's first row, so a rerun of the same job maps every unit to the same output file.
+A unit is a contiguous row range of one input file (whole row groups where they are small enough),
+or several whole small files packed together until the unit holds about ``rows_per_unit`` rows (so
+10,000 files of 1,000 rows make about 200 units, not 10,000). Its output file name is derived from its
+first file's position in the sorted input and its first row, so a rerun of the same job maps every
+unit to the same output file.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ READ_BATCH_ROWS = 16_384
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """Rows ``[row_start, row_stop)`` of input file ``path``."""
+    """Rows ``[row_start, row_stop)`` of input file ``path``, then the whole files ``more_files``."""
 
     file_index: int
     path: str
     row_start: int
     row_stop: int
+    more_files: tuple[WorkUnit, ...] = ()  # small files packed after the first, each read whole
 
     @property
     def name(self) -> str:
@@ -34,9 +37,15 @@ class WorkUnit:
         return f"part-{self.file_index:05d}-{self.row_start:012d}.parquet"
 
     @property
+    def parts(self) -> tuple[WorkUnit, ...]:
+        """The unit's row ranges, one per file, in input order."""
+        first = WorkUnit(self.file_index, self.path, self.row_start, self.row_stop)
+        return (first, *self.more_files)
+
+    @property
     def num_rows(self) -> int:
         """Rows in the unit."""
-        return self.row_stop - self.row_start
+        return sum(part.row_stop - part.row_start for part in self.parts)
 
 
 def plan_units(
@@ -45,7 +54,8 @@ def plan_units(
     """Cut every file into units of about ``rows_per_unit`` rows.
 
     Small row groups are packed whole into a unit until it would pass ``rows_per_unit``; a row
-    group larger than that is split into equal row ranges.
+    group larger than that is split into equal row ranges. Consecutive files smaller than half a
+    unit are packed whole into one unit while it stays within ``rows_per_unit`` rows.
 
     Args:
         files: Input files, in their stable (sorted) order.
@@ -54,10 +64,29 @@ def plan_units(
 
     """
     units: list[WorkUnit] = []
+    packing: list[WorkUnit] = []
     for file_index, (path, groups) in enumerate(zip(files, row_groups, strict=True)):
-        for start, stop in _unit_ranges(groups, rows_per_unit):
-            units.append(WorkUnit(file_index, path, start, stop))
+        rows = sum(groups)
+        if 0 < rows <= rows_per_unit // 2:
+            if sum(part.num_rows for part in packing) + rows > rows_per_unit:
+                units.append(_packed(packing))
+                packing = []
+            packing.append(WorkUnit(file_index, path, 0, rows))
+            continue
+        if packing:
+            units.append(_packed(packing))
+            packing = []
+        units.extend(
+            WorkUnit(file_index, path, start, stop) for start, stop in _unit_ranges(groups, rows_per_unit)
+        )
+    if packing:
+        units.append(_packed(packing))
     return units
+
+
+def _packed(files: list[WorkUnit]) -> WorkUnit:
+    first = files[0]
+    return WorkUnit(first.file_index, first.path, first.row_start, first.row_stop, tuple(files[1:]))
 
 
 def _unit_ranges(groups: Sequence[int], rows_per_unit: int) -> Iterator[tuple[int, int]]:
@@ -80,7 +109,17 @@ def _unit_ranges(groups: Sequence[int], rows_per_unit: int) -> Iterator[tuple[in
 
 
 def read_unit(fs: fsspec.AbstractFileSystem, unit: WorkUnit) -> pa.Table:
-    """The unit's rows, reading only the row groups it overlaps, a batch at a time.
+    """The unit's rows (every part, in order), reading only the row groups they overlap.
+
+    Raises:
+        OSError, pyarrow.ArrowException: A file can't be read or is damaged.
+
+    """
+    return pa.concat_tables([read_range(fs, part) for part in unit.parts])
+
+
+def read_range(fs: fsspec.AbstractFileSystem, unit: WorkUnit) -> pa.Table:
+    """The rows of one file range (``unit``'s first part), a batch at a time.
 
     Raises:
         OSError, pyarrow.ArrowException: The file can't be read or is damaged.

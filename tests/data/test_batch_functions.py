@@ -168,3 +168,60 @@ def test_token_offsets_are_64_bit():
     assert tokens.schema.field("token_type_ids").type == pa.large_list(pa.int32())
     encoded, valid = encoded_from_table(tokens)
     assert valid.tolist() == [True, False, True] and encoded.pair_ids() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_plan_units_packs_small_files_and_keeps_large_ones_apart():
+    """Files under half a unit are packed whole (in input order, up to rows_per_unit); others as before;
+    the names come from each unit's first file and row, so every run plans the same units."""
+    files = [f"f{i}" for i in range(7)]
+    groups = [[300], [300], [300], [1000, 1000], [100], [100], [700]]
+    units = plan_units(files, groups, 1000)
+    assert [[part.path for part in unit.parts] for unit in units] == [
+        ["f0", "f1", "f2"], ["f3"], ["f3"], ["f4", "f5"], ["f6"],
+    ]  # fmt: skip
+    assert [unit.num_rows for unit in units] == [900, 1000, 1000, 200, 700]
+    assert units[0].name == "part-00000-000000000000.parquet" and units[3].name.startswith("part-00004-")
+    assert plan_units(files, groups, 1000) == units
+
+
+def test_a_packed_unit_reads_and_positions_its_files_in_order(tmp_path):
+    """A packed unit's rows are its files' rows in order, and its input positions match them."""
+    paths = []
+    for index in range(3):
+        paths.append(str(tmp_path / f"{index}.parquet"))
+        pq.write_table(pa.table({"x": list(range(index * 10, index * 10 + 4))}), paths[-1])
+    (unit,) = plan_units(paths, [[4]] * 3, 100)
+    assert len(unit.parts) == 3
+    assert read_unit(locate(str(tmp_path), {}).fs, unit).column("x").to_pylist() == [
+        0, 1, 2, 3, 10, 11, 12, 13, 20, 21, 22, 23,
+    ]  # fmt: skip
+    positions = input_positions(unit).to_pylist()
+    assert len(positions) == 12 and positions == sorted(positions)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_bad_file_in_a_packed_unit(tmp_path, tiny_model_dir, skip):
+    """--on-bad-file skip: the packed unit keeps its good files and names the bad one in ``skipped``;
+    fail: the unit is an error row naming the bad file (never committed)."""
+    paths = []
+    for index in range(3):
+        paths.append(tmp_path / f"{index}.parquet")
+        table = pa.table({"query": [f"q{index}"] * 5, "passage": [f"solar {i}" for i in range(5)]})
+        pq.write_table(table, paths[-1], compression="snappy")
+    damage_data_page(paths[1])
+    units = plan_units([str(p) for p in paths], [[5]] * 3, 100)
+    settings = ModelSettings(model=str(tiny_model_dir))
+    rows = pa.Table.from_pylist(unit_rows(units))
+    source = locate(str(tmp_path), {})
+    tokenized = tokenize_units(rows, source, settings, "query", "passage", skip_bad_files=skip).to_pylist()[0]
+    skipped = json.loads(tokenized["skipped"])
+    assert list(skipped) == [str(paths[1])] and "cannot read Parquet file" in skipped[str(paths[1])]
+    if not skip:
+        assert tokenized["error"].startswith(f"cannot read Parquet file {paths[1]}")
+        return
+    assert tokenized["error"] is None and tokenized["name"] == units[0].name
+    scored = ScoreUnits(settings, "score", position_column=POSITION_COLUMN)(pa.Table.from_pylist([tokenized]))
+    committed = commit_units(scored, locate(str(tmp_path / "out"), {}))
+    assert json.loads(committed.column("counts")[0].as_py())["skipped_files"] == skipped
+    out = pq.read_table(tmp_path / "out")
+    assert out.column("query").to_pylist() == ["q0"] * 5 + ["q2"] * 5 and out.num_rows == 10

@@ -258,3 +258,55 @@ def test_bad_file_fails_with_its_name_or_is_skipped_and_reported(tmp_path, capsy
     assert summary_numbers(out)["bad files skipped"] == 1 and summary_numbers(out)["rows written"] == 600
     report = json.loads((tmp_path / "out" / "_skipped_files.json").read_text())["skipped_files"]
     assert [entry["file"] for entry in report] == [str(bad)] and report[0]["reason"]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_sigkill_with_packed_small_files_then_rerun_finishes_exactly_once(tmp_path, tiny_model_dir):
+    """60 files of 100 rows packed 4 to a unit: killed part-way, the rerun finishes only the missing
+    units, and every row is written once with the scores of an unpacked run."""
+    write_input(tmp_path / "in", files=60, rows=100)
+    assert (
+        main(
+            job_args(
+                tiny_model_dir, str(tmp_path / "in"), str(tmp_path / "reference"), "--rows-per-unit", "100"
+            )
+        )
+        == 0
+    )
+    expected = pq.read_table(tmp_path / "reference")  # one unit per file: nothing packed
+    args = job_args(tiny_model_dir, str(tmp_path / "in"), str(tmp_path / "out"), "--rows-per-unit", "400")
+    first = JobProcess(args, tmp_path / "first.log")
+    first.wait_until(lambda: len(committed_local(tmp_path / "out")) >= 3)
+    first.kill_group()
+    before = committed_local(tmp_path / "out")
+    assert 3 <= len(before) < 15, "the kill came too late to test resume"
+    text = JobProcess(args, tmp_path / "second.log").finish()
+    assert summary_numbers(text)["units"] == 15 and f"({len(before)} resumed)" in text
+    after = committed_local(tmp_path / "out")
+    assert {name: after[name] for name in before} == before and len(after) == 15
+    check_exactly_once(pq.read_table(tmp_path / "out"), expected)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_bad_file_among_packed_small_files_is_left_out_alone_and_stays_reported(
+    tmp_path, capsys, tiny_model_dir
+):
+    """skip: a damaged file packed with 7 good ones costs only its own rows; a resumed run (the report and
+    _SUCCESS gone) reports it again from the unit's footer. fail: one line naming it."""
+    write_input(tmp_path / "in", files=8, rows=50)
+    bad = tmp_path / "in" / "pairs-03.parquet"
+    pq.write_table(pq.read_table(bad), bad, compression="snappy", row_group_size=25)
+    corrupt(bad, "data page")
+    args = job_args(tiny_model_dir, str(tmp_path / "in"), str(tmp_path / "out"))  # 8 x 50 rows: one unit
+    assert main(args) == 2 and f"cannot read Parquet file {bad}" in capsys.readouterr().err
+    assert main([*args, "--on-bad-file", "skip", "--overwrite"]) == 0
+    numbers = summary_numbers(capsys.readouterr().out)
+    assert (numbers["units"], numbers["rows written"], numbers["bad files skipped"]) == (1, 350, 1)
+    report = tmp_path / "out" / "_skipped_files.json"
+    assert [entry["file"] for entry in json.loads(report.read_text())["skipped_files"]] == [str(bad)]
+    report.unlink()
+    (tmp_path / "out" / "_SUCCESS").unlink()
+    assert main([*args, "--on-bad-file", "skip"]) == 0
+    numbers = summary_numbers(capsys.readouterr().out)
+    assert (numbers["rows written"], numbers["bad files skipped"]) == (350, 1)
+    assert [entry["file"] for entry in json.loads(report.read_text())["skipped_files"]] == [str(bad)]
