@@ -6,6 +6,7 @@ Each program owns its settings; ``reranker.settings`` holds the model's section 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
@@ -70,9 +71,12 @@ class RescoreSettings(ComposedSettings):
             raise ValueError("a cascade needs --group-column (the query-id column): k is per query")
         return self
 
-    @property
+    @functools.cached_property
     def stages(self) -> list[CascadeStage]:
-        """The scoring stages: the cascade's, each completed from the model settings; else the model."""
+        """The scoring stages: the cascade's, each completed from the model settings; else the model.
+
+        Computed once (the settings are frozen): the service reads it on every request.
+        """
         return resolve_stages(self.model, self.cascade.cascade)
 
     @property

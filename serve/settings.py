@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, Self
 
 import pydantic
@@ -55,9 +56,12 @@ class ServeSettings(ComposedSettings):
             )
         return self
 
-    @property
+    @functools.cached_property
     def stages(self) -> list[CascadeStage]:
-        """The scoring stages: the cascade's, each completed from the model settings; else the model."""
+        """The scoring stages: the cascade's, each completed from the model settings; else the model.
+
+        Computed once (the settings are frozen): the service reads it on every request.
+        """
         return resolve_stages(self.model, self.cascade.cascade)
 
     @property

@@ -1,22 +1,16 @@
 """A cascade on a real (local) Ray Serve, in both layouts: every stage in one replica, or each stage its
 own deployment behind the ingress (deployment handles)."""
 
-import socket
-
 import numpy as np
 import pytest
 import requests
+
+from tests.serve_helpers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
 
 QUERY = "how do solar panels work"
 DOCS = ["solar panels convert sunlight", "bananas are yellow", "the sun makes energy", "python language"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module", params=["one_replica", "deployment_per_stage"])
@@ -26,7 +20,7 @@ def cascade_server(request, tiny_model_dir, larger_model_dir):
 
     from serve.app import build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
         "cascade": [

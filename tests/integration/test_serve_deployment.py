@@ -4,7 +4,6 @@ Route behaviour is tested in-process (tests/unit/test_api.py); these few tests c
 running Serve shows.
 """
 
-import socket
 import threading
 import time
 
@@ -13,17 +12,12 @@ import pytest
 import requests
 
 from reranker.model import sigmoid
+from tests.serve_helpers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
 
 QUERY = "how do solar panels work"
 DOCS = ["solar panels convert sunlight", "bananas are yellow", "the sun makes energy", "python language"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def deploy(model_dir, user_config):
@@ -51,7 +45,7 @@ def server(tiny_model_dir):
     """Serve on 127.0.0.1 with a user_config; the driver (this process) has no RERANK_* variables."""
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy(tiny_model_dir, {"max_batch_pairs": 8, "batch_wait_timeout_s": 0.01})
     yield f"http://127.0.0.1:{port}"
