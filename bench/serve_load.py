@@ -1,16 +1,24 @@
 """Load test of the rerank service on 127.0.0.1, next to in-process scoring of the same requests.
 
 Replays the DL19 queries, each with its 100 BM25 passages, as `/v1/rerank` requests at concurrency
-1, 8 and 32 (a bounded number of requests per level), and prints JSON: p50/p99 latency,
-requests/s, pairs/s and error counts per level, and the in-process time of the same requests.
+1, 8 and 32 (a bounded number of requests per level), against each server variant in turn, and
+prints JSON: p50/p99 latency, requests/s, pairs/s and error counts per level, and the in-process
+time of the same requests (the model class, one request after another). Variants:
 
-    python bench/serve_load.py                      # runs `serve run configs/serve.yaml` with the twin
-    python bench/serve_load.py --url http://127.0.0.1:8000 --model PATH   # an already running server
+- ``floor_uvicorn``: the same app and engine behind plain uvicorn, no Ray (``bench/plain_server.py``);
+- ``noop_serve``: a Serve deployment that scores nothing (``bench/noop_app.py``): Serve's own cost;
+- ``serve_defaults`` and one row per Serve option (``SERVE_OPTIONS``; ``access_log_off``), each alone
+  on ``serve run configs/serve.yaml``;
+- ``shipped``: ``python -m serve configs/serve.yaml``, as the README starts it.
+
+    python -m bench.serve_load [--variants floor_uvicorn,noop_serve,shipped]   # with the twin
+    python -m bench.serve_load --url http://127.0.0.1:8000 --model PATH         # a running server
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -18,18 +26,34 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.helpers import DL19_TSV, TWIN_MODEL, read_trec_tsv  # noqa: E402
+from tests.integration.processes import stop_cluster  # noqa: E402
 
 LEVELS = (1, 8, 32)
+SERVE_CLI = str(Path(sys.executable).with_name("serve"))
+# Serve's request-path options, each measured alone on `serve run configs/serve.yaml` (set before Ray starts).
+SERVE_OPTIONS: dict[str, dict[str, str]] = {
+    "serve_defaults": {},
+    "log_buffer": {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"},
+    "direct_ingress": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "throughput_optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "throughput_optimized_haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
+VARIANTS = ("floor_uvicorn", "noop_serve", *SERVE_OPTIONS, "access_log_off", "shipped")
 
 
 def load_requests() -> list[tuple[str, list[str]]]:
@@ -111,14 +135,20 @@ def start_server(
     model: str, url: str, env_vars: dict[str, str] | None = None, config: Path | str = "configs/serve.yaml"
 ) -> subprocess.Popen[bytes]:
     """`serve run CONFIG` (default: the shipped one) in its own process, as users run it; wait for /health."""
-    env = {**os.environ, "RERANK_MODEL": model, **(env_vars or {})}
-    serve_cli = str(Path(sys.executable).with_name("serve"))
+    return launch([SERVE_CLI, "run", str(config)], {"RERANK_MODEL": model, **(env_vars or {})}, url)
+
+
+def launch(command: list[str], env_vars: dict[str, str], url: str) -> subprocess.Popen[bytes]:
+    """Start a server in a session of its own (no RAY_SERVE_* but ``env_vars``); wait for /health."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_SERVE_", "RERANK_", "RAY_ADDRESS"))}
+    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", **env_vars)
     process = subprocess.Popen(
-        [serve_cli, "run", str(config)],
+        command,
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     target = urlparse(url)
     deadline = time.monotonic() + 180
@@ -131,13 +161,63 @@ def start_server(
         except OSError:
             pass
         time.sleep(1)
-    process.terminate()
-    raise SystemExit("the server did not become healthy within 180 s")
+    stop(process)
+    raise SystemExit(f"{' '.join(command)}: not healthy within 180 s")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C the server as a user would, then make sure nothing of its session is left."""
+    process.send_signal(signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=60)
+    stop_cluster(process.pid)
+
+
+def variant_config(workdir: Path, name: str, changes: dict[str, Any]) -> Path:
+    """configs/serve.yaml with ``changes`` merged into its application (e.g. a ``logging_config``)."""
+    config = yaml.safe_load((ROOT / "configs/serve.yaml").read_text())
+    config["applications"][0].update(changes)
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def variant_command(name: str, workdir: Path) -> tuple[list[str], dict[str, str]]:
+    """How to start variant ``name``: its command line and the env vars it sets before Ray starts."""
+    if name == "floor_uvicorn":
+        return [sys.executable, "-m", "bench.plain_server"], {}
+    if name == "noop_serve":
+        return [SERVE_CLI, "run", "bench.noop_app:app"], {}
+    if name == "shipped":  # as the README launches it: the launcher sets the shipped Serve options
+        return [sys.executable, "-m", "serve", "configs/serve.yaml"], {}
+    if name.startswith("launcher+"):  # the launcher with one more option set
+        return [sys.executable, "-m", "serve", "configs/serve.yaml"], SERVE_OPTIONS[name.split("+", 1)[1]]
+    if name == "access_log_off":
+        config = variant_config(workdir, name, {"logging_config": {"enable_access_log": False}})
+        return [SERVE_CLI, "run", str(config)], {}
+    return [SERVE_CLI, "run", "configs/serve.yaml"], SERVE_OPTIONS[name]
+
+
+def time_variant(
+    name: str, model: str, workdir: Path, bodies: list[bytes], sizes: list[int], rounds: int
+) -> dict:
+    """Start one variant, warm it, run every concurrency level against it, stop it."""
+    url = "http://127.0.0.1:8000"  # the port of configs/serve.yaml and of the floor
+    command, env_vars = variant_command(name, workdir)
+    started = time.perf_counter()
+    server = launch(command, {"RERANK_MODEL": model, **env_vars}, url)
+    healthy_s = time.perf_counter() - started
+    try:
+        run_level(url, bodies[:4], sizes[:4], 1, 4)  # warm the path
+        levels = [run_level(url, bodies, sizes, c, rounds * len(bodies)) for c in LEVELS]
+    finally:
+        stop(server)
+    return {"healthy_after_s": round(healthy_s, 1), "env": env_vars, "levels": levels}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", help="use a running server instead of starting one")
+    parser.add_argument("--url", help="load a running server instead of starting the variants")
     parser.add_argument("--model", default=str(TWIN_MODEL))
     parser.add_argument(
         "--threads",
@@ -146,33 +226,49 @@ def main() -> None:
         help="in-process torch threads (the server's follow its num_cpus)",
     )
     parser.add_argument("--rounds", type=int, default=2, help="passes over the 43 DL19 queries per level")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS)
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     requests = load_requests()
     in_process = time_in_process(args.model, requests, args.threads)
-    url = args.url or "http://127.0.0.1:8000"  # the port in configs/serve.yaml
-    server = None if args.url else start_server(args.model, url)
     bodies = [json.dumps({"query": q, "documents": p, "top_n": 10}).encode() for q, p in requests]
     sizes = [len(p) for _, p in requests]
-    run_level(url, bodies[:4], sizes[:4], 1, 4)  # warm the path
-    try:
-        levels = [run_level(url, bodies, sizes, c, args.rounds * len(bodies)) for c in LEVELS]
-    finally:
-        if server is not None:
-            server.send_signal(signal.SIGINT)
-            server.wait(timeout=60)
-    by_level = {level["concurrency"]: level for level in levels}
+    if args.url:
+        run_level(args.url, bodies[:4], sizes[:4], 1, 4)
+        results = {
+            "url": {
+                "levels": [run_level(args.url, bodies, sizes, c, args.rounds * len(bodies)) for c in LEVELS]
+            }
+        }
+    else:
+        with tempfile.TemporaryDirectory() as workdir:
+            results = {
+                name: time_variant(name, args.model, Path(workdir), bodies, sizes, args.rounds)
+                for name in args.variants.split(",")
+            }
+    for result in results.values():
+        result.update(versus_in_process(result["levels"], in_process))
     report = {
         "model": args.model,
         "cpus": os.cpu_count(),
         "requests_per_level": args.rounds * len(bodies),
         "passages_per_request": statistics.mean(sizes),
         "in_process": in_process,
-        "levels": levels,
-        "c1_p50_latency_vs_in_process": round(by_level[1]["p50_ms"] / in_process["p50_ms"], 3),
-        "c8_pairs_per_s_vs_in_process": round(by_level[8]["pairs_per_s"] / in_process["pairs_per_s"], 3),
+        "variants": results,
     }
     print(json.dumps(report, indent=2))
+
+
+def versus_in_process(levels: list[dict], in_process: dict) -> dict[str, float | None]:
+    """The two goals' ratios: c=1 p50 latency and c=8 pairs/s, each over the model class in-process."""
+    by_level = {level["concurrency"]: level for level in levels}
+    c1, c8 = by_level[1]["p50_ms"], by_level[8]["pairs_per_s"]
+    return {
+        "c1_p50_latency_vs_in_process": round(c1 / in_process["p50_ms"], 3) if c1 else None,
+        "c8_pairs_per_s_vs_in_process": round(c8 / in_process["pairs_per_s"], 3),
+    }
 
 
 if __name__ == "__main__":

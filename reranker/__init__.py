@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from reranker.errors import ConfigError, InputError, ModelLoadError, OutputError, RerankError
-    from reranker.model import CrossEncoderModel, ScoreResult, sigmoid
+    from reranker.model import CrossEncoderModel, ScoreResult
+    from reranker.scores import sigmoid
     from reranker.settings import DEFAULT_MODEL, ModelOptions
     from reranker.tokenizer import EncodedPairs, PairTokenizer
 
@@ -39,7 +40,7 @@ _WHERE = {
     "ModelOptions": "reranker.settings",
     "CrossEncoderModel": "reranker.model",
     "ScoreResult": "reranker.model",
-    "sigmoid": "reranker.model",
+    "sigmoid": "reranker.scores",
     "EncodedPairs": "reranker.tokenizer",
     "PairTokenizer": "reranker.tokenizer",
     "ConfigError": "reranker.errors",

@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, AutoTokenizer
-
 from reranker.errors import ModelLoadError
 from reranker.settings import ModelOptions
 
@@ -76,6 +74,8 @@ def check_loadable(settings: ModelOptions) -> None:
     Raises:
         ModelLoadError: Unknown id, no network, no weights, not a reranker head, or an untrained head.
     """
+    from transformers import AutoConfig, AutoTokenizer  # here: importing the module stays torch-free
+
     options = hub_options(settings)
     try:
         with _hub_warnings_silenced():  # the one error below says it all, not a warning per retry
@@ -202,6 +202,8 @@ def _hub_warnings_silenced() -> Iterator[None]:
 
 def pair_cost(settings: ModelOptions) -> float:
     """A model's relative cost per token (layers x per-layer matmul sizes), from its config alone."""
+    from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(settings.model, **hub_options(settings))
     hidden = getattr(config, "hidden_size", 0)
     intermediate = getattr(config, "intermediate_size", 4 * hidden)

@@ -25,6 +25,7 @@ from reranker.batching import pad_batch, plan_batches
 from reranker.cls_forward import build_cls_forward
 from reranker.errors import ConfigError, ModelLoadError
 from reranker.loading import check_labels, hub_options, load_failure_message, untrained_weights_message
+from reranker.scores import sigmoid
 from reranker.settings import DEFAULT_MODEL, ModelOptions, describe_validation_error
 from reranker.tokenizer import EncodedPairs, PairTokenizer
 from reranker.types import Activation, Precision, TruncationSide
@@ -315,12 +316,6 @@ class CrossEncoderModel:
 def _is_pair(inputs: Any) -> bool:
     """One ``(query, passage)`` pair rather than a list of them."""
     return len(inputs) == 2 and all(isinstance(part, str) for part in inputs)
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable float32 sigmoid."""
-    values = np.asarray(logits, dtype=np.float32)
-    return (0.5 * (1.0 + np.tanh(0.5 * values))).astype(np.float32)
 
 
 def _relevance_logit(logits: torch.Tensor) -> torch.Tensor:

@@ -10,15 +10,17 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from reranker.errors import ModelLoadError
 from reranker.loading import hub_options, load_failure_message
 from reranker.settings import ModelOptions
 from reranker.types import TruncationSide
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class PairTokenizer:
             ModelLoadError: The tokenizer or config can't be found or read.
 
         """
+        from transformers import AutoConfig, AutoTokenizer  # here: importing the module stays torch-free
+
         options = hub_options(settings)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(settings.model, **options)

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reranker.cascade import stage_names
 from reranker.errors import RerankError
-from reranker.model import sigmoid
+from reranker.scores import sigmoid
 from serve.cascade import CascadeRanker, Ranked, StageScorer
 from serve.engine import Truncation
 from serve.errors import (

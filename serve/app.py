@@ -17,7 +17,6 @@ from ray import serve
 from ray.serve import Application
 
 from reranker.cascade import CascadeStage, model_options, stage_names
-from reranker.model import CrossEncoderModel
 from reranker.settings import ModelOptions, ModelSettings
 from serve.api import RerankService, create_api
 from serve.cascade import RemoteStage
@@ -50,6 +49,8 @@ def build_engine(
     settings: ServeSettings, number: int, threads: int, metrics: RerankMetrics | None
 ) -> RerankEngine:
     """Load and warm stage ``number``'s model (the only one without a cascade) behind its own engine."""
+    from reranker.model import CrossEncoderModel  # here: building the app (on the driver) needs no torch
+
     stage = settings.stages[number]
     options = model_options(stage).model_copy(update={"torch_threads": stage.torch_threads or threads})
     model = CrossEncoderModel.from_settings(options)

@@ -22,17 +22,19 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydantic
 from ray import serve
 
 from reranker.errors import ConfigError
-from reranker.model import CrossEncoderModel
 from reranker.types import TruncationSide
 from serve.errors import OverloadedError
 from serve.metrics import RerankMetrics
+
+if TYPE_CHECKING:
+    from reranker.model import CrossEncoderModel
 
 logger = logging.getLogger("ray.serve")
 HEALTH_PROBE_INTERVAL_S = 10.0  # /health and Serve's check run a forward pass at most this often

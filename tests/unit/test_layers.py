@@ -53,3 +53,18 @@ def test_importing_the_schemas_does_not_import_torch():
     loaded = modules_loaded_by("import serve.schemas")
     assert not loaded & {"torch", "transformers"}
     assert "pydantic" in loaded  # the check itself works
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import serve.app",  # Serve builds the app (build_app) in a task that never scores
+        "import jobs.pipeline, jobs.commit",  # the job's commit and read tasks
+        "import jobs.rescore",  # the driver, until it checks the model
+    ],
+)
+def test_what_needs_no_model_loads_no_torch(statement):
+    """Building the Serve app and the job's non-scoring steps import neither torch nor transformers."""
+    loaded = modules_loaded_by(statement)
+    assert not loaded & {"torch", "transformers"}
+    assert "ray" in loaded  # the check itself works: the statement ran
