@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import ROOT, pss_kib, rss_kib, run_job, write_pairs
+from bench.serve_load import SERVE_CLI
 from tests.helpers import TWIN_MODEL
 from tests.integration.processes import session_pids, stop_cluster
 
-SERVE_CLI = str(Path(sys.executable).with_name("serve"))
 LAUNCHERS = {
     "serve_run": [SERVE_CLI, "run", "configs/serve.yaml"],
     "launcher": [sys.executable, "-m", "serve", "configs/serve.yaml"],

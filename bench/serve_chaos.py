@@ -31,6 +31,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,16 +43,11 @@ from bench.serve_load import SERVE_OPTIONS, load_requests
 from serve.__main__ import SHIPPED_RAY_SERVE_ENV
 from tests.helpers import REPO_ROOT, TWIN_MODEL
 from tests.integration.processes import stop_cluster, titled
+from tests.serve_helpers import free_port
 
 BIN = Path(sys.executable).parent
 PASSAGES = 20
 REQUEST_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -144,7 +140,7 @@ def wait_until(check: Any, timeout_s: float = 180, every_s: float = 0.5) -> floa
     raise SystemExit(f"not reached within {timeout_s} s")
 
 
-def two_running(cluster: Cluster, old_pids: set[int] = frozenset()) -> bool:  # type: ignore[assignment]
+def two_running(cluster: Cluster, old_pids: AbstractSet[int] = frozenset()) -> bool:
     """Serve runs 2 replicas again (2 processes, both RUNNING), none of them one of ``old_pids``."""
     pids = set(cluster.replica_pids())  # first: `serve status` lags a killed replica's death
     if len(pids) != 2 or pids & old_pids:
