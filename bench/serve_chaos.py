@@ -9,6 +9,9 @@ With 2 replicas of the shipped config under sustained load (client threads repla
 4. ``disconnect`` (load stopped): clients send heavy requests and hang up; then one probe request.
    If abandoned requests kept their queue slots, the probe would wait for all of their work.
 
+The shipped env loads ``serve/proxy.py``'s middleware into the proxy, which retries a request whose
+replica died; ``proxy_retries`` counts the tries it saw lost (from the proxy's log).
+
 Prints JSON: status codes seen per phase (a timeout counts as ``timeout``; 503s with and without
 ``Retry-After``), wrong scores, the recovery and deploy times, and the probe's latency.
 
@@ -41,6 +44,7 @@ import yaml
 
 from bench.serve_load import SERVE_OPTIONS, load_requests
 from serve.__main__ import SHIPPED_RAY_SERVE_ENV
+from serve.proxy import LOST_REPLICA_LOG
 from tests.helpers import REPO_ROOT, TWIN_MODEL
 from tests.integration.processes import stop_cluster, titled
 from tests.serve_helpers import free_port
@@ -105,6 +109,11 @@ class Cluster:
         app = (status.get("applications") or {}).get("rerank") or {}
         deployment = (app.get("deployments") or {}).get("Reranker") or {}
         return {"app": app.get("status"), "states": deployment.get("replica_states") or {}}
+
+    def proxy_log_count(self, text: str) -> int:
+        """Lines of the proxies' logs that contain ``text``."""
+        logs = Path(self.temp_dir).glob("session_*/logs/serve/proxy_*.log")
+        return sum(path.read_text(errors="replace").count(text) for path in logs)
 
     def replica_pids(self) -> list[int]:
         """The processes of the Reranker's replicas."""
@@ -300,6 +309,10 @@ def main() -> None:
         cluster.start()
         with tempfile.TemporaryDirectory() as workdir:
             phases = run_phases(cluster, args.model, Path(workdir), args.clients)
+        phases["proxy_retries"] = {  # serve/proxy.py's lines: tries that lost their replica
+            "retried": cluster.proxy_log_count(f"{LOST_REPLICA_LOG} (try 1 of"),
+            "lost_every_try": cluster.proxy_log_count("answering 503"),
+        }
     finally:
         cluster.stop()
     report = {"model": args.model, "serve_env": serve_env, "clients": args.clients, **phases}

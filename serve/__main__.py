@@ -14,10 +14,13 @@ import os
 import sys
 from collections.abc import Sequence
 
+from serve.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
 # Ray Serve options that must be in the environment before Ray starts; the launcher sets these (a
-# value already in the environment wins). Empty: none of Serve's request-path options measured a gain
-# here beyond noise once the dashboard is off (bench/serve_load.py, docs/performance.md).
-SHIPPED_RAY_SERVE_ENV: dict[str, str] = {}
+# value already in the environment wins). None of Serve's request-path options measured a gain here
+# beyond noise once the dashboard is off (bench/serve_load.py, docs/performance.md); the one option
+# set is the proxy middleware that retries a request whose replica died (serve/proxy.py).
+SHIPPED_RAY_SERVE_ENV: dict[str, str] = {PROXY_CALLBACK_ENV: PROXY_CALLBACK}
 
 
 def start_local_ray() -> None:

@@ -44,6 +44,12 @@ class OverloadedError(RerankError):
     error_type = "overloaded"
 
 
+class ReplicaLostError(RerankError):
+    """The replica serving a request died before answering, on every try; the client should retry."""
+
+    error_type = "replica_unavailable"
+
+
 STATUS_BY_ERROR: dict[type[RerankError], int] = {
     InvalidRequestError: 400,
     AuthenticationError: 401,
@@ -53,6 +59,7 @@ STATUS_BY_ERROR: dict[type[RerankError], int] = {
     ConfigError: 500,  # the server's configuration, not the request, is wrong
     OverloadedError: 503,
     ModelLoadError: 503,
+    ReplicaLostError: 503,
 }
 
 

@@ -45,10 +45,14 @@ def larger_model(larger_model_dir: Path):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """One local Ray instance for the whole test session (keeps CI fast)."""
+    """One local Ray instance for the whole test session (keeps CI fast), its Serve proxy as shipped."""
     import ray
 
+    from serve.__main__ import SHIPPED_RAY_SERVE_ENV
+
     if not ray.is_initialized():
+        for name, value in SHIPPED_RAY_SERVE_ENV.items():
+            os.environ.setdefault(name, value)  # read by the processes Ray starts
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()

@@ -65,7 +65,7 @@ def test_cluster_yaml_validates_against_ray_schema():
     starts = [
         c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c
     ]
-    assert starts and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts)
+    assert starts and all(started_ray_env(c).get("RAY_AUTH_MODE") == "token" for c in starts)
     assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
 
 
@@ -115,3 +115,31 @@ def test_rayjob_runs_the_rescoring_job_with_its_config():
     assert settings.model.model == load_yaml("configs/rescore.yaml")["model"]
     runtime_env = RuntimeEnv(**yaml.safe_load(spec["runtimeEnvYAML"]))
     assert "RERANK_REVISION" in runtime_env["env_vars"]
+
+
+def started_ray_env(command: str) -> dict[str, str]:
+    """The ``NAME=value`` assignments in front of a shell command's ``ray start``."""
+    words = shlex.split(command)
+    return dict(word.split("=", 1) for word in words[: words.index("ray")] if "=" in word)
+
+
+def test_every_way_to_start_ray_for_serve_loads_the_proxy_middleware():
+    """The launcher, cluster.yaml's head and workers, the RayService pods and the image all set the
+    proxy callback before Ray starts (Serve reads it only then), and Serve can import what it names."""
+    from ray.serve._private.utils import call_function_from_import_path
+
+    from serve.__main__ import SHIPPED_RAY_SERVE_ENV
+    from serve.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV, ReplicaLossRetry
+
+    wanted = {PROXY_CALLBACK_ENV: PROXY_CALLBACK}
+    assert SHIPPED_RAY_SERVE_ENV.items() >= wanted.items()
+    cluster = load_yaml("cluster.yaml")
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in cluster[key]]
+    assert [started_ray_env(c).items() >= wanted.items() for c in starts if "ray start" in c] == [True, True]
+    spec = load_yaml("configs/kuberay/rayservice.yaml")["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        env = {item["name"]: item.get("value") for item in group["template"]["spec"]["containers"][0]["env"]}
+        assert env[PROXY_CALLBACK_ENV] == PROXY_CALLBACK
+    assert f"ENV {PROXY_CALLBACK_ENV}={PROXY_CALLBACK}" in (REPO_ROOT / "Dockerfile").read_text()
+    assert [m.cls for m in call_function_from_import_path(PROXY_CALLBACK)] == [ReplicaLossRetry]
