@@ -135,14 +135,20 @@ def run_job(args: Sequence[str], env_overrides: dict[str, str] | None = None) ->
     )
     sampler = MemorySampler(process.pid)
     sampler.start()
-    out, err = process.communicate()
-    wall = time.perf_counter() - started
+    errors: list[str] = []
+    reader = threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    out, summary_s = _read_until_summary(process, started)
+    process.wait()
+    reader.join()
+    wall, err = time.perf_counter() - started, "".join(errors)
     sampler.stopped.set()
     sampler.join()
     if process.returncode != 0:
         raise RuntimeError(f"job failed ({process.returncode}):\n{err[-4000:]}")
     return {
         "wall_s": round(wall, 2),
+        "summary_line_s": summary_s,  # to the summary line; wall_s adds the embedded Ray's shutdown
         "started_at": time.time() - wall,
         "summary": out.strip().splitlines()[-1],
         "stage_seconds": _stage_seconds(err),
@@ -155,6 +161,17 @@ def _actor_pool(log: str) -> str:
     """The job's actor pool plan (actors, CPUs/GPUs each, torch threads, tokenize tasks) from its log."""
     lines = [line.split("actor pool: ", 1)[1] for line in log.splitlines() if "actor pool: " in line]
     return lines[-1] if lines else ""
+
+
+def _read_until_summary(process: subprocess.Popen[str], started: float) -> tuple[str, float | None]:
+    """The job's whole stdout, and the seconds from ``started`` to its summary line."""
+    lines: list[str] = []
+    summary_s = None
+    for line in process.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        if summary_s is None and line.startswith("rescore:"):
+            summary_s = round(time.perf_counter() - started, 2)
+    return "".join(lines), summary_s
 
 
 def _stage_seconds(log: str) -> dict[str, float]:

@@ -39,6 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serve.proxy import PROXY_CALLBACK_ENV  # noqa: E402
 from tests.helpers import DL19_TSV, TWIN_MODEL, read_trec_tsv  # noqa: E402
 from tests.integration.processes import stop_cluster  # noqa: E402
 
@@ -53,6 +54,8 @@ SERVE_OPTIONS: dict[str, dict[str, str]] = {
     "throughput_optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     "throughput_optimized_haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
 }
+# Options only a launcher row takes (``launcher+NAME``): an empty value turns a shipped one off.
+LAUNCHER_OPTIONS: dict[str, dict[str, str]] = {"no_proxy_retry": {PROXY_CALLBACK_ENV: ""}}
 VARIANTS = ("floor_uvicorn", "noop_serve", *SERVE_OPTIONS, "access_log_off", "shipped")
 
 
@@ -191,7 +194,8 @@ def variant_command(name: str, workdir: Path) -> tuple[list[str], dict[str, str]
     if name == "shipped":  # as the README launches it: the launcher sets the shipped Serve options
         return [sys.executable, "-m", "serve", "configs/serve.yaml"], {}
     if name.startswith("launcher+"):  # the launcher with one more option set
-        return [sys.executable, "-m", "serve", "configs/serve.yaml"], SERVE_OPTIONS[name.split("+", 1)[1]]
+        options = {**SERVE_OPTIONS, **LAUNCHER_OPTIONS}
+        return [sys.executable, "-m", "serve", "configs/serve.yaml"], options[name.split("+", 1)[1]]
     if name == "access_log_off":
         config = variant_config(workdir, name, {"logging_config": {"enable_access_log": False}})
         return [SERVE_CLI, "run", str(config)], {}

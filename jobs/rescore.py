@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from jobs.commit import SKIPPED_NAME, SUCCESS_NAME, TMP_DIR, committed_counts, l
 from jobs.manifest import MANIFEST_NAME, job_manifest, pinned_model, resume_or_start, write_json
 from jobs.pipeline import UnitScoring, score_units
 from jobs.ranking import POSITION_COLUMN, RANKING_DIR, rank_scored
+from jobs.resources import start_ray
 from jobs.settings import JobSettings, RescoreSettings
 from jobs.storage import InputPlan, Location, count_rows, inspect_input, prepare_output, write_empty_output
 from jobs.units import WorkUnit, plan_units
@@ -90,7 +92,7 @@ def run(settings: RescoreSettings) -> JobSummary:
     plan = inspect_input(
         job.input, job.storage_options, _text_columns(job), _new_columns(settings), job.on_bad_file == "skip"
     )
-    versions = check_stages(settings.stages)
+    versions = checked_while_ray_starts(settings.stages)
     output = prepare_output(job.output, job.storage_options, job.overwrite, resumable=[MANIFEST_NAME])
     done = resume_or_start(output, job_manifest(settings, plan, versions), job.output)
     if done is not None:
@@ -154,6 +156,18 @@ def check_stages(stages: Sequence[CascadeStage]) -> list[str]:
     if len(options) > 1:
         warn_if_costlier_first(stages, [pair_cost(option) for option in options])
     return [model_version(option) for option in options]
+
+
+def checked_while_ray_starts(stages: Sequence[CascadeStage]) -> list[str]:
+    """:func:`check_stages` on a thread while Ray starts (or connects) here: each takes seconds.
+
+    A model that fails its check still fails with one line, and no worker has run: Ray's daemons
+    are up by then and go down with the driver.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-check") as pool:
+        checked = pool.submit(check_stages, stages)
+        start_ray()  # in the main thread: ray.init installs its SIGTERM handler only there
+        return checked.result()
 
 
 def score_first_stage(

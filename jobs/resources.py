@@ -133,6 +133,11 @@ def alive_node_resources() -> list[dict[str, float]]:
     processes take CPU from the scoring actors. A cluster's own dashboard is unaffected (Ray ignores
     the flag when it connects to a running cluster).
     """
+    start_ray()
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
+def start_ray() -> None:
+    """Connect to the Ray cluster (``RAY_ADDRESS``), or start embedded Ray without the dashboard."""
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING, include_dashboard=False)
-    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]

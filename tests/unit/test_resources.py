@@ -201,3 +201,24 @@ def test_a_cpu_stage_1_and_a_gpu_stage_2_size_their_own_pools():
         {"num_cpus": 4, "num_gpus": 0.0},
         {"num_cpus": 1.0, "num_gpus": 1},
     ]
+
+
+def test_the_model_check_runs_beside_ray_start_and_its_error_still_surfaces(monkeypatch):
+    """The driver's model check runs on a thread while Ray starts in the main thread (ray.init sets
+    its SIGTERM handler only there); a failed check is raised as itself once both are done."""
+    import threading
+
+    from jobs import rescore
+    from reranker.errors import ModelLoadError
+
+    seen: dict[str, object] = {}
+
+    def check(stages):
+        seen["check_thread"] = threading.current_thread() is threading.main_thread()
+        raise ModelLoadError("cannot load model 'x'")
+
+    monkeypatch.setattr(rescore, "check_stages", check)
+    monkeypatch.setattr(rescore, "start_ray", lambda: seen.update(ray_thread=threading.current_thread().name))
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        rescore.checked_while_ray_starts([])
+    assert seen == {"check_thread": False, "ray_thread": "MainThread"}
