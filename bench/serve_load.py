@@ -3,7 +3,9 @@
 Replays the DL19 queries, each with its 100 BM25 passages, as `/v1/rerank` requests at concurrency
 1, 8 and 32 (a bounded number of requests per level), against each server variant in turn, and
 prints JSON: p50/p99 latency, requests/s, pairs/s and error counts per level, and the in-process
-time of the same requests (the model class, one request after another). Variants:
+time of the same requests (the model class, one request after another), measured again after each
+variant: a variant's ratios are against the mean of the in-process runs just before and after it, as
+this machine's speed drifts over a run of minutes. Variants:
 
 - ``floor_uvicorn``: the same app and engine behind plain uvicorn, no Ray (``bench/plain_server.py``);
 - ``noop_serve``: a Serve deployment that scores nothing (``bench/noop_app.py``): Serve's own cost;
@@ -70,10 +72,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def time_in_process(model: str, requests: list[tuple[str, list[str]]], threads: int) -> dict:
-    from reranker.model import CrossEncoderModel
-
-    scorer = CrossEncoderModel(model, torch_threads=threads)
+def time_in_process(scorer: Any, requests: list[tuple[str, list[str]]]) -> dict:
+    """The model class in this process on the same requests, one after another: p50 and pairs/s."""
     scorer.score(["warm"] * 8, ["up"] * 8)
     latencies = []
     for query, passages in requests:
@@ -84,8 +84,13 @@ def time_in_process(model: str, requests: list[tuple[str, list[str]]], threads: 
     return {
         "p50_ms": round(1000 * statistics.median(latencies), 2),
         "pairs_per_s": round(pairs / sum(latencies), 1),
-        "torch_threads": threads,
+        "torch_threads": scorer.settings.torch_threads,
     }
+
+
+def mean_baseline(before: dict, after: dict) -> dict:
+    """The in-process figures measured just before and just after a variant, averaged (drift control)."""
+    return {key: round((before[key] + after[key]) / 2, 2) for key in ("p50_ms", "pairs_per_s")}
 
 
 def run_level(url: str, bodies: list[bytes], pairs_per_body: list[int], concurrency: int, total: int) -> dict:
@@ -236,7 +241,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     requests = load_requests()
-    in_process = time_in_process(args.model, requests, args.threads)
+    from reranker.model import CrossEncoderModel
+
+    scorer = CrossEncoderModel(args.model, torch_threads=args.threads)
+    in_process = time_in_process(scorer, requests)
     bodies = [json.dumps({"query": q, "documents": p, "top_n": 10}).encode() for q, p in requests]
     sizes = [len(p) for _, p in requests]
     if args.url:
@@ -246,14 +254,17 @@ def main() -> None:
                 "levels": [run_level(args.url, bodies, sizes, c, args.rounds * len(bodies)) for c in LEVELS]
             }
         }
+        results["url"].update(versus_in_process(results["url"]["levels"], in_process))
     else:
+        results = {}
+        before = in_process
         with tempfile.TemporaryDirectory() as workdir:
-            results = {
-                name: time_variant(name, args.model, Path(workdir), bodies, sizes, args.rounds)
-                for name in args.variants.split(",")
-            }
-    for result in results.values():
-        result.update(versus_in_process(result["levels"], in_process))
+            for name in args.variants.split(","):
+                result = time_variant(name, args.model, Path(workdir), bodies, sizes, args.rounds)
+                after = time_in_process(scorer, requests)  # the machine drifts over a run of minutes
+                result["in_process_around"] = mean_baseline(before, after)
+                result.update(versus_in_process(result["levels"], result["in_process_around"]))
+                results[name], before = result, after
     report = {
         "model": args.model,
         "cpus": os.cpu_count(),
@@ -266,7 +277,10 @@ def main() -> None:
 
 
 def versus_in_process(levels: list[dict], in_process: dict) -> dict[str, float | None]:
-    """The two goals' ratios: c=1 p50 latency and c=8 pairs/s, each over the model class in-process."""
+    """The two goals' ratios: c=1 p50 latency and c=8 pairs/s, each over the model class in-process.
+
+    For a started variant the in-process figures are the mean of the runs just before and after it.
+    """
     by_level = {level["concurrency"]: level for level in levels}
     c1, c8 = by_level[1]["p50_ms"], by_level[8]["pairs_per_s"]
     return {
