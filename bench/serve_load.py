@@ -25,6 +25,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -148,6 +149,9 @@ def start_server(
 
 def launch(command: list[str], env_vars: dict[str, str], url: str) -> subprocess.Popen[bytes]:
     """Start a server in a session of its own (no RAY_SERVE_* but ``env_vars``); wait for /health."""
+    target = urlparse(url)
+    with contextlib.suppress(OSError), socket.create_connection((target.hostname, target.port), timeout=1):
+        raise SystemExit(f"{url} already answers: stop that server first (it would be timed instead)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_SERVE_", "RERANK_", "RAY_ADDRESS"))}
     env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", **env_vars)
     process = subprocess.Popen(
@@ -158,7 +162,6 @@ def launch(command: list[str], env_vars: dict[str, str], url: str) -> subprocess
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    target = urlparse(url)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
