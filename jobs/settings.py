@@ -28,7 +28,9 @@ class JobSettings(SettingsSection):
     rank: bool = Field(False, description="Add a 1-based 'rank' column within each group.")
     top_k: int | None = Field(None, ge=1, description="Keep only the k best rows of each group.")
     rows_per_unit: int = Field(
-        50_000, ge=1, description="Rows per work unit: the grain of scoring, commit and resume."
+        20_000,
+        ge=1,
+        description="Rows per work unit: the grain of scoring, commit and resume (GPU nodes: ~200000).",
     )
     on_bad_file: Literal["fail", "skip"] = Field(
         "fail",
