@@ -127,17 +127,16 @@ def _tokenize_slots(nodes: Sequence[Mapping[str, float]], actor_cpus: float, io_
 
 
 def alive_node_resources() -> list[dict[str, float]]:
-    """Resources of the alive nodes of the Ray cluster (embedded Ray is started if none is connected).
-
-    Embedded Ray starts without the dashboard: nothing of the job's uses it, and on a laptop its
-    processes take CPU from the scoring actors. A cluster's own dashboard is unaffected (Ray ignores
-    the flag when it connects to a running cluster).
-    """
+    """Resources of the alive nodes of the Ray cluster (embedded Ray is started if none is connected)."""
     start_ray()
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
 def start_ray() -> None:
-    """Connect to the Ray cluster (``RAY_ADDRESS``), or start embedded Ray without the dashboard."""
+    """Connect to the Ray cluster (``RAY_ADDRESS``), or start embedded Ray without the dashboard.
+
+    Nothing of the job's uses the dashboard, and on a laptop its processes take CPU from the scoring
+    actors. A cluster's own dashboard is unaffected (Ray ignores the flag when it connects to one).
+    """
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING, include_dashboard=False)

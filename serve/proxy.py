@@ -15,15 +15,14 @@ imports nothing of the model.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.errors import ReplicaLostError, status_of
+from serve.schemas import ErrorBody, ErrorResponse
 
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "serve.proxy:proxy_middlewares"
@@ -123,8 +122,8 @@ def _declared_length(scope: Scope) -> int:
 async def send_replica_lost(send: Send) -> None:
     """The designed answer when every try lost its replica: 503, ``Retry-After``, the error shape."""
     error = ReplicaLostError("the replica serving this request stopped; retry the request")
-    body: dict[str, Any] = {"error": {"type": error.error_type, "message": str(error)}}
-    payload = json.dumps(body).encode()
+    body = ErrorResponse(error=ErrorBody(type=error.error_type, message=str(error)))
+    payload = body.model_dump_json().encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(payload)).encode()),
