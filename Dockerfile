@@ -14,5 +14,4 @@ RUN pip install --no-cache-dir -c constraints.txt -e ".[s3,gcs,eval]"
 
 # Model weights are cached here on first load; mount a volume at this path to keep them across pods.
 ENV HF_HOME=/home/ray/.cache/huggingface
-# Serve's proxy retries a request whose replica died (serve/proxy.py); read when Ray starts.
-ENV RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve.proxy:proxy_middlewares
+# The proxy middleware (serve/proxy.py) is not baked in: the RayService pods, cluster.yaml and `python -m serve` set it.

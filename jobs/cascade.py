@@ -4,11 +4,15 @@ After stage 1 has scored every unit (``_scored/``), each later stage N runs in t
 
 - ``_selectN/``: every row, grouped by query (a Ray Data hash shuffle, one group at a time on a
   worker) and marked ``__rerank_selected`` when it is among its query's best ``rerank_count`` by the
-  previous stage (ties in input order). ``_DONE`` is written when all files are; a rerun without it
-  redoes the step, one with it keeps the files, so the units below keep their names.
-- ``_scoredN/``: the selected files as work units through the scoring pipeline with stage N's model
-  (its own actor pool), scoring only the marked rows; committed unit by unit, so a rerun after a
-  crash scores only the units not yet committed, and never redoes an earlier stage.
+  previous stage's raw score (ties in input order). ``_DONE`` is written when all files are, and
+  records what the selection was built from (the previous stage's unit files and their rows) and the
+  files it wrote. A rerun keeps the selection only when both are unchanged; otherwise it redoes it,
+  and everything after it (this stage's scored units and every later stage), since they were made
+  from the old one.
+- ``_scoredN/``: the selection's files cut into work units of about ``rows_per_unit`` rows (as stage
+  1's input is) through the scoring pipeline with stage N's model (its own actor pool), scoring only
+  the marked rows; committed unit by unit, so a rerun after a crash scores only the units not yet
+  committed, and never redoes an earlier stage.
 
 The final ranking (``jobs.ranking``) reads the last stage's files: every input row, with the score of
 every stage it reached.
@@ -19,26 +23,27 @@ from __future__ import annotations
 import logging
 import math
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray.data
 
-from jobs.commit import committed_counts, list_names
-from jobs.manifest import pinned_model
+from jobs.commit import committed_counts, list_names, remove_files, remove_path
+from jobs.manifest import read_json, write_json
 from jobs.pipeline import UnitScoring, score_units
-from jobs.ranking import MAX_RANK_PARTITIONS, POSITION_COLUMN, float_scores
+from jobs.ranking import MAX_RANK_PARTITIONS, POSITION_COLUMN, SELECTED_COLUMN, float_scores
 from jobs.resources import PoolRequest
 from jobs.settings import JobSettings, RescoreSettings
-from jobs.storage import Location
-from jobs.units import WorkUnit
+from jobs.storage import Location, read_footers
+from jobs.units import WorkUnit, plan_units
 from reranker.cascade import CascadeStage, model_options, stage_names, top_candidates
 from reranker.errors import OutputError
+from reranker.loading import pinned_model
+from reranker.settings import ModelOptions
 
 logger = logging.getLogger("jobs.rescore")
-SELECTED_COLUMN = "__rerank_selected"
 DONE_NAME = "_DONE"
 
 
@@ -63,23 +68,30 @@ def run_later_stages(
     first: tuple[Location, list[str]],
     output: Location,
     num_rows: int,
-) -> tuple[Location, list[str], list[int]]:
+) -> tuple[Location, list[str], list[dict[str, dict[str, Any]]]]:
     """Stages 2..N after stage 1 wrote ``first`` (its directory and unit files).
 
     Returns:
-        The last stage's directory and files, and the pairs each later stage scored (committed).
+        The last stage's directory and files, and each later stage's committed units' counts.
 
     Raises:
         OutputError: A file the job wrote itself could not be read back.
     """
     job, stages = settings.job, settings.stages
     columns = stage_score_columns(job.score_column, stages)
-    (previous, names), scored_pairs = first, []
+    previous, names = first
+    source = committed_counts(previous, names)
+    stage_counts = []
     for number in range(1, len(stages)):
         selected_at = output.child(f"_select{number + 1}")
-        count = stages[number - 1].rerank_count or 0
-        select_candidates(previous, names, selected_at, job, columns[number - 1], count, num_rows)
-        units = selected_units(selected_at)
+        if not selection_is_current(selected_at, source):
+            remove_files(output, later_working_dirs(output, number + 1))
+            count = stages[number - 1].rerank_count or 0
+            select_candidates(previous, names, selected_at, job, columns[number - 1], count, num_rows)
+            record_selection(selected_at, source)
+        else:
+            logger.info("%s is complete; kept", selected_at.path)
+        units = selected_units(selected_at, job.rows_per_unit)
         scored_at = output.child(f"_scored{number + 1}")
         committed = list_names(scored_at) & {unit.name for unit in units}
         todo = [unit for unit in units if unit.name not in committed]
@@ -88,14 +100,60 @@ def run_later_stages(
             scoring = UnitScoring(
                 selected_at, job.query_column, job.passage_column, columns[number], None, SELECTED_COLUMN
             )
-            options = pinned_model(model_options(stages[number]), versions[number])
+            options = raw_scores(pinned_model(model_options(stages[number]), versions[number]))
             failed = score_units(todo, scoring, options, job, scored_at, stage_sizing(stages[number], job))
             if failed:
                 raise OutputError(f"cannot read the job's own files: {'; '.join(failed.values())}")
         previous, names = scored_at, [unit.name for unit in units]
-        counts = committed_counts(scored_at, names)
-        scored_pairs.append(sum(unit["scored"] for unit in counts.values()))
-    return previous, names, scored_pairs
+        source = committed_counts(scored_at, names)
+        stage_counts.append(source)
+    return previous, names, stage_counts
+
+
+def raw_scores(options: ModelOptions) -> ModelOptions:
+    """A ranked job's scoring options: raw logits, which ranking and selection use.
+
+    The activation is applied to what is written, by ``jobs.ranking``.
+    """
+    return options.model_copy(update={"activation": "none"})
+
+
+def later_working_dirs(output: Location, stage: int) -> list[str]:
+    """The working directories of stage ``stage`` and every stage after it (``_selectN``, ``_scoredN``)."""
+    names = list_names(output, prefix="_")
+    return sorted(name for name in names if (number := _stage_number(name)) is not None and number >= stage)
+
+
+def _stage_number(name: str) -> int | None:
+    for prefix in ("_select", "_scored"):
+        suffix = name.removeprefix(prefix)
+        if suffix != name and suffix.isdigit():
+            return int(suffix)
+    return None
+
+
+def selection_is_current(selected_at: Location, source: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether a finished selection was built from these units and still holds every file it wrote."""
+    try:
+        done = read_json(selected_at, DONE_NAME)
+    except ValueError:  # an empty _DONE, as an earlier version wrote it: nothing recorded
+        return False
+    if not isinstance(done, dict):
+        return False
+    if done.get("source") != _source_record(source):
+        logger.info("%s was built from other units; redoing it and what follows", selected_at.path)
+        return False
+    return sorted(list_names(selected_at, prefix="") - {DONE_NAME}) == done.get("files")
+
+
+def record_selection(selected_at: Location, source: Mapping[str, Mapping[str, Any]]) -> None:
+    """Write ``_DONE``: the units the selection was built from, and the files it wrote."""
+    files = sorted(list_names(selected_at, prefix="") - {DONE_NAME})
+    write_json(selected_at, DONE_NAME, {"source": _source_record(source), "files": files})
+
+
+def _source_record(source: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
+    return [[name, int(counts["rows"])] for name, counts in sorted(source.items())]
 
 
 def select_candidates(
@@ -109,15 +167,13 @@ def select_candidates(
 ) -> None:
     """Write every row of ``previous`` to ``destination``, marking each query's best ``count``.
 
-    In about ``rows_per_unit`` rows per file: the next stage's work units.
+    The input paths are read as they are: no ``key=value`` directory becomes a column.
     """
-    if destination.fs.exists(posixpath.join(destination.path, DONE_NAME)):
-        logger.info("%s is complete; kept", destination.path)
-        return
-    if destination.fs.exists(destination.path):
-        destination.fs.rm(destination.path, recursive=True)
+    remove_path(destination)
     paths = [posixpath.join(previous.path, name) for name in names]
-    rows = ray.data.read_parquet(paths, filesystem=previous.arrow_filesystem(), num_cpus=job.io_cpus)
+    rows = ray.data.read_parquet(
+        paths, filesystem=previous.arrow_filesystem(), num_cpus=job.io_cpus, partitioning=None
+    )
     partitions = max(1, min(MAX_RANK_PARTITIONS, math.ceil(num_rows / job.rows_per_unit)))
     marked = rows.groupby(job.group_column, num_partitions=partitions).map_groups(
         mark_selected,  # type: ignore[arg-type]  # its extra parameters are bound by fn_kwargs
@@ -128,7 +184,6 @@ def select_candidates(
     marked.write_parquet(
         destination.path, filesystem=destination.arrow_filesystem(), ray_remote_args={"num_cpus": job.io_cpus}
     )
-    destination.fs.pipe_file(posixpath.join(destination.path, DONE_NAME), b"")
 
 
 def mark_selected(group: pa.Table, score_column: str, count: int) -> pa.Table:
@@ -142,13 +197,18 @@ def mark_selected(group: pa.Table, score_column: str, count: int) -> pa.Table:
     return group.append_column(SELECTED_COLUMN, pa.array(selected))
 
 
-def selected_units(selected_at: Location) -> list[WorkUnit]:
-    """One work unit per file of a selection step, in name order (the same in every rerun)."""
+def selected_units(selected_at: Location, rows_per_unit: int) -> list[WorkUnit]:
+    """The selection's files cut into work units of about ``rows_per_unit`` rows, as the input is.
+
+    Files in name order, each footer read once: the same units, with the same names, in every rerun.
+
+    Raises:
+        OutputError: A file of the selection can't be read.
+    """
     names = sorted(list_names(selected_at, prefix="") - {DONE_NAME})
-    units = []
-    for index, name in enumerate(names):
-        path = posixpath.join(selected_at.path, name)
-        with selected_at.fs.open(path, "rb") as handle:
-            rows = pq.ParquetFile(handle).metadata.num_rows
-        units.append(WorkUnit(index, path, 0, rows))
-    return units
+    paths = [posixpath.join(selected_at.path, name) for name in names]
+    footers = read_footers(selected_at, paths)
+    unreadable = [str(footer) for footer in footers if isinstance(footer, Exception)]
+    if unreadable:
+        raise OutputError(f"cannot read the job's own files: {unreadable[0]}")
+    return plan_units(paths, [footer.row_groups for footer in footers], rows_per_unit)  # type: ignore[union-attr]

@@ -7,7 +7,11 @@ Layout of an output directory (names starting with ``_`` are hidden from Parquet
   resumes only when it matches.
 - ``_tmp/``: files being written on local disk, renamed into place when complete.
 - ``_scored/``: per-unit files of a ranked job, before the per-query ranking.
-- ``_SUCCESS``: the job's summary, written last.
+- ``_ranking/``: a ranked job's final files while they are written, moved into place when all are.
+- ``_selectN/``, ``_scoredN/``: a cascade's later stages (``jobs.cascade``).
+- ``_WRITTEN``: the summary, written once every final file is in place and checked; a run that dies
+  while clearing the working directories leaves it, and the rerun only finishes the cleanup.
+- ``_SUCCESS``: the job's summary, written last (after the working directories are gone).
 - ``_skipped_files.json``: the bad input files a ``--on-bad-file skip`` run left out, and why.
 """
 
@@ -25,12 +29,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.retries import with_retries
-from jobs.storage import Location
+from jobs.storage import Location, storage_call
 from reranker.errors import OutputError
 
 logger = logging.getLogger(__name__)
 
 SUCCESS_NAME = "_SUCCESS"
+WRITTEN_NAME = "_WRITTEN"
 SKIPPED_NAME = "_skipped_files.json"
 TMP_DIR = "_tmp"
 COUNTS_KEY = b"rerank.counts"
@@ -90,6 +95,12 @@ def list_names(location: Location, prefix: str = "part-") -> set[str]:
 def remove_files(location: Location, names: Sequence[str]) -> None:
     """Delete the named files (and directories) under ``location`` that exist."""
     for name in names:
-        path = posixpath.join(location.path, name)
-        if location.fs.exists(path):
-            with_retries(functools.partial(location.fs.rm, path, recursive=True), f"deleting {path}")
+        remove_path(location.child(name))
+
+
+def remove_path(location: Location) -> None:
+    """Delete a file or a directory tree if it exists (transient storage errors retried)."""
+    if storage_call(lambda: location.fs.exists(location.path), f"checking {location.path}"):
+        storage_call(
+            functools.partial(location.fs.rm, location.path, recursive=True), f"deleting {location.path}"
+        )

@@ -11,17 +11,15 @@ import json
 import posixpath
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from jobs.commit import SUCCESS_NAME
 from jobs.retries import with_retries
 from jobs.settings import RescoreSettings
 from jobs.storage import InputPlan, Location
 from reranker.errors import OutputError
-from reranker.settings import ModelOptions
 
 MANIFEST_NAME = "_rescore_job.json"
-Options = TypeVar("Options", bound=ModelOptions)
 
 
 SCORING_FIELDS = {"model", "revision", "precision", "max_length", "activation"}
@@ -64,12 +62,6 @@ def job_manifest(settings: RescoreSettings, plan: InputPlan, versions: Sequence[
         "input": plan.location.path,
         "input_files": plan.file_versions(),
     }
-
-
-def pinned_model(model: Options, version: str) -> Options:
-    """The model settings the workers load: a hub model pinned to the commit the driver resolved."""
-    commit = version.removeprefix("hub:")
-    return model.model_copy(update={"revision": commit}) if version.startswith("hub:") else model
 
 
 def resume_or_start(output: Location, manifest: dict[str, Any], uri: str) -> dict[str, Any] | None:

@@ -2,29 +2,40 @@
 
 The job's last phase when ``--group-column`` is set: the scored units are grouped by query (a Ray
 Data hash shuffle) and each group is sorted by score, then by the row's place in the input; a
-cascade's groups by the stages each row reached first (``reranker.cascade``).
+cascade's groups by the stages each row reached first (``reranker.cascade``). The scored units hold
+raw logits: the order is decided on them, and the activation (``--activation sigmoid``) is applied
+only to the scores written. Each ranked block is committed as one file by a task that reports its
+rows, and the rows ``--top-k`` cut, so the driver can check that no row went missing.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import posixpath
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 
-from jobs.commit import list_names, remove_files
+from jobs.commit import commit_table, list_names, remove_files, remove_path
 from jobs.settings import JobSettings
-from jobs.storage import Location
+from jobs.storage import Location, storage_call
 from jobs.units import WorkUnit
-from reranker.cascade import cascade_order
+from reranker.cascade import cascade_order, monotone_scores
+from reranker.scores import sigmoid
+from reranker.types import Activation
 
 ROWS_PER_RANK_PARTITION = 100_000
 MAX_RANK_PARTITIONS = 200
 POSITION_COLUMN = "__rerank_position__"  # a ranked job's tie-breaker: the row's place in the input
+SELECTED_COLUMN = "__rerank_selected"  # a cascade's rows chosen for the next stage (jobs.cascade)
+CUT_COLUMN = "__rerank_cut"  # on a group's first ranked row: the rows --top-k left out of the group
+HIDDEN_COLUMNS = (POSITION_COLUMN, SELECTED_COLUMN, CUT_COLUMN)  # between the job's steps, never written
 _ROWS_PER_FILE_BITS = 40  # position = file index * 2**40 + row in the file
 RANKING_DIR = "_ranking"
 
@@ -45,25 +56,42 @@ def rank_group(
     add_rank: bool,
     top_k: int | None,
     stage_columns: Sequence[str] = (),
+    activation: Activation = "none",
 ) -> pa.Table:
     """Ray Data group function: one query's rows best first (null scores last), ranked, cut to k.
 
     Equal scores keep their input order (``position_column``, dropped from the result), so every
     run, and the redo of a run, keeps and ranks the same rows. With ``stage_columns`` (a cascade's
     per-stage scores), rows that reached a later stage come first and ``score_column`` is added: the
-    score of the last stage each row reached (``reranker.cascade.cascade_order``).
+    score of the last stage each row reached, made monotone with the order
+    (``reranker.cascade.monotone_scores``). The scores are raw logits until the order is decided;
+    ``activation`` then applies to every score column written. ``CUT_COLUMN`` counts what k left out.
     """
     if stage_columns:
         ordered = _cascade_ordered(group, score_column, position_column, stage_columns)
     else:
         ordered = group.sort_by([(score_column, "descending"), (position_column, "ascending")])
-    ordered = ordered.drop_columns([name for name in ordered.column_names if name.startswith("__rerank")])
-    if top_k is not None:
-        ordered = ordered.slice(0, top_k)
-    if not add_rank:
-        return ordered
-    ranks = pa.array(np.arange(1, ordered.num_rows + 1, dtype=np.int32))
-    return ordered.append_column("rank", pc.if_else(ordered.column(score_column).is_valid(), ranks, None))
+    ordered = ordered.drop_columns([name for name in HIDDEN_COLUMNS if name in ordered.column_names])
+    cut = 0 if top_k is None else max(0, ordered.num_rows - top_k)
+    ordered = ordered.slice(0, top_k) if top_k is not None else ordered
+    if activation == "sigmoid":
+        for name in [*stage_columns, score_column]:
+            ordered = _with_sigmoid(ordered, name)
+    if add_rank:
+        ranks = pa.array(np.arange(1, ordered.num_rows + 1, dtype=np.int32))
+        ordered = ordered.append_column(
+            "rank", pc.if_else(ordered.column(score_column).is_valid(), ranks, None)
+        )
+    cuts = np.zeros(ordered.num_rows, dtype=np.int64)
+    cuts[:1] = cut
+    return ordered.append_column(CUT_COLUMN, pa.array(cuts))
+
+
+def _with_sigmoid(table: pa.Table, name: str) -> pa.Table:
+    """``table`` with the raw logits of column ``name`` replaced by their sigmoid (float32, nulls kept)."""
+    logits = float_scores(table.column(name))
+    values = pa.array(sigmoid(logits).astype(np.float32), mask=np.isnan(logits))
+    return table.set_column(table.schema.get_field_index(name), name, values)
 
 
 def _cascade_ordered(
@@ -71,14 +99,23 @@ def _cascade_ordered(
 ) -> pa.Table:
     stage_scores = [float_scores(group.column(name)) for name in stage_columns]
     positions = group.column(position_column).to_numpy()
-    order, final, _ = cascade_order(stage_scores, positions)
-    scores = pa.array(final[order].astype(np.float32), mask=np.isnan(final[order]))
+    order, final, reached = cascade_order(stage_scores, positions)
+    reported = monotone_scores(order, final, reached)[order]
+    scores = pa.array(reported.astype(np.float32), mask=np.isnan(reported))
     return group.take(pa.array(order)).append_column(score_column, scores)
 
 
 def float_scores(column: pa.ChunkedArray) -> np.ndarray:
     """A score column as float64, NaN where null."""
     return np.asarray(pc.fill_null(pc.cast(column, pa.float64()), np.nan).to_numpy(), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class RankedRows:
+    """What the ranking wrote: rows in its files, and rows ``--top-k`` left out."""
+
+    written: int
+    cut: int
 
 
 def rank_scored(
@@ -88,18 +125,21 @@ def rank_scored(
     job: JobSettings,
     num_rows: int,
     stage_columns: Sequence[str] = (),
-) -> None:
+    activation: Activation = "none",
+) -> RankedRows:
     """Last phase of a ranked job: rank each query's rows and write the final files.
 
-    Redone whole on a resume (scoring is what is expensive): files are written to a staging
+    Redone whole on a resume (scoring is what is expensive): files are committed to a staging
     directory and moved into the output; ``_SUCCESS`` marks the end. A cascade ranks by its stages.
+    The input paths are read as they are: no ``key=value`` directory becomes a column.
     """
     remove_files(output, [name for name in list_names(output, prefix="") if not name.startswith("_")])
     staging = output.child(RANKING_DIR)
-    if staging.fs.exists(staging.path):
-        staging.fs.rm(staging.path, recursive=True)
+    remove_path(staging)
     paths = [posixpath.join(scored_at.path, name) for name in names]
-    scored = ray.data.read_parquet(paths, filesystem=scored_at.arrow_filesystem(), num_cpus=job.io_cpus)
+    scored = ray.data.read_parquet(
+        paths, filesystem=scored_at.arrow_filesystem(), num_cpus=job.io_cpus, partitioning=None
+    )
     ranked = scored.groupby(job.group_column, num_partitions=rank_partitions(num_rows)).map_groups(
         rank_group,  # type: ignore[arg-type]  # its extra parameters are bound by fn_kwargs
         fn_kwargs={
@@ -108,15 +148,41 @@ def rank_scored(
             "add_rank": job.rank or bool(stage_columns),
             "top_k": job.top_k,
             "stage_columns": list(stage_columns),
+            "activation": activation,
         },
         batch_format="pyarrow",
         num_cpus=job.io_cpus,
     )
-    ranked.write_parquet(
-        staging.path, filesystem=staging.arrow_filesystem(), ray_remote_args={"num_cpus": job.io_cpus}
+    committed = ranked.map_batches(
+        commit_ranked,  # type: ignore[arg-type]  # its extra parameters are bound by fn_kwargs
+        fn_kwargs={"destination": staging},
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=job.io_cpus,
     )
-    for path in staging.fs.find(staging.path):
-        staging.fs.mv(path, posixpath.join(output.path, posixpath.basename(path)))
+    written = cut = 0
+    for row in committed.iter_rows():
+        written, cut = written + row["rows"], cut + row["cut"]
+    move_files(staging, output)
+    return RankedRows(written, cut)
+
+
+def move_files(source: Location, destination: Location) -> None:
+    """Move the visible files directly under ``source`` into ``destination`` (same filesystem)."""
+    for name in sorted(list_names(source, prefix="")):
+        if not name.startswith(("_", ".")):
+            path = posixpath.join(source.path, name)
+            target = posixpath.join(destination.path, name)
+            storage_call(functools.partial(source.fs.mv, path, target), f"moving {path}")
+
+
+def commit_ranked(batch: pa.Table, destination: Location) -> pa.Table:
+    """Ray Data task: commit one block of ranked rows as its own file; returns its rows and rows cut."""
+    cut = int(pc.sum(batch.column(CUT_COLUMN)).as_py() or 0) if CUT_COLUMN in batch.column_names else 0
+    table = batch.drop_columns([name for name in HIDDEN_COLUMNS if name in batch.column_names])
+    if table.num_rows:
+        commit_table(destination, f"part-{uuid.uuid4().hex}.parquet", table, {"rows": table.num_rows})
+    return pa.table({"rows": [table.num_rows], "cut": [cut]})
 
 
 def rank_partitions(num_rows: int) -> int:

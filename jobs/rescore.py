@@ -21,18 +21,34 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from jobs.cascade import SELECTED_COLUMN, run_later_stages, stage_score_columns, stage_sizing
-from jobs.commit import SKIPPED_NAME, SUCCESS_NAME, TMP_DIR, committed_counts, list_names, remove_files
-from jobs.manifest import MANIFEST_NAME, job_manifest, pinned_model, resume_or_start, write_json
+from jobs.cascade import raw_scores, run_later_stages, stage_score_columns, stage_sizing
+from jobs.commit import (
+    SKIPPED_NAME,
+    SUCCESS_NAME,
+    TMP_DIR,
+    WRITTEN_NAME,
+    committed_counts,
+    list_names,
+    remove_files,
+)
+from jobs.manifest import MANIFEST_NAME, job_manifest, read_json, resume_or_start, write_json
 from jobs.pipeline import UnitScoring, score_units
-from jobs.ranking import POSITION_COLUMN, RANKING_DIR, rank_scored
+from jobs.ranking import HIDDEN_COLUMNS, POSITION_COLUMN, RANKING_DIR, rank_scored
 from jobs.resources import start_ray
 from jobs.settings import JobSettings, RescoreSettings
-from jobs.storage import InputPlan, Location, count_rows, inspect_input, prepare_output, write_empty_output
+from jobs.storage import (
+    InputPlan,
+    Location,
+    check_output_apart,
+    count_rows,
+    inspect_input,
+    prepare_output,
+    write_empty_output,
+)
 from jobs.units import WorkUnit, plan_units
 from reranker.cascade import CascadeStage, model_options, warn_if_costlier_first
-from reranker.errors import ConfigError, RerankError
-from reranker.loading import check_loadable, model_version, pair_cost
+from reranker.errors import ConfigError, OutputError, RerankError
+from reranker.loading import check_loadable, model_version, pair_cost, pinned_model
 from reranker.settings import parse_flags
 
 logger = logging.getLogger("jobs.rescore")
@@ -83,6 +99,7 @@ def run(settings: RescoreSettings) -> JobSummary:
     Raises:
         RerankError: A user error (settings, input, output, model, a bad file with
             ``--on-bad-file fail``); nothing was written for it.
+        RowsLostError: The rows written are not the rows read less the skipped files' rows.
 
     """
     started = time.perf_counter()
@@ -92,6 +109,7 @@ def run(settings: RescoreSettings) -> JobSummary:
     plan = inspect_input(
         job.input, job.storage_options, _text_columns(job), _new_columns(settings), job.on_bad_file == "skip"
     )
+    check_output_apart(plan, job.input, job.output, job.storage_options)
     versions = checked_while_ray_starts(settings.stages)
     output = prepare_output(job.output, job.storage_options, job.overwrite, resumable=[MANIFEST_NAME])
     done = resume_or_start(output, job_manifest(settings, plan, versions), job.output)
@@ -100,6 +118,20 @@ def run(settings: RescoreSettings) -> JobSummary:
         return JobSummary(
             **{**done, "units_resumed": done["units"], "pairs_scored_this_run": 0, "wall_seconds": 0.0}
         )
+    written = read_json(output, WRITTEN_NAME)
+    if written is not None:  # a run wrote every file and died while clearing its working directories
+        logger.info("output %s is written; finishing its cleanup", job.output)
+        summary = JobSummary(**{**written, "units_resumed": written["units"], "pairs_scored_this_run": 0})
+        complete(output, summary)
+        return summary
+    return rescore(settings, plan, versions, output, started)
+
+
+def rescore(
+    settings: RescoreSettings, plan: InputPlan, versions: list[str], output: Location, started: float
+) -> JobSummary:
+    """Score what is not yet committed, rank (and run a cascade's later stages), check, summarize."""
+    job = settings.job
     units = plan_units(plan.files, [footer.row_groups for footer in plan.footers], job.rows_per_unit)
     scored_at = output.child(SCORED_DIR) if job.group_column else output
     committed = list_names(scored_at) & {unit.name for unit in units}
@@ -113,19 +145,79 @@ def run(settings: RescoreSettings) -> JobSummary:
     counts = committed_counts(scored_at, kept)
     for unit_counts in counts.values():  # packed files left out, by this run or an earlier one
         bad_files.update(unit_counts.get("skipped_files", {}))
+    expected = expected_rows(plan, bad_files)
+    check_rows(_rows_in(counts), expected, "the scored units")
     later: list[int] = []
+    to_write = expected
     if not kept:  # an empty input, or every unit turned out bad: one empty file with the full schema
         write_empty_output(output, output_schema(plan.schema, settings))
     elif job.group_column:
-        last_at, last_names = scored_at, kept
-        if settings.cascade.cascade:
-            last_at, last_names, later = run_later_stages(
-                settings, versions, (scored_at, kept), output, plan.num_rows
-            )
-        rank_scored(last_at, last_names, output, job, plan.num_rows, _stage_columns(settings))
+        to_write, later = rank_and_write(settings, versions, (scored_at, kept), output, plan, expected)
     scored_now = sum(counts[unit.name]["scored"] for unit in todo if unit.name in counts)
     progress = (len(units), len(committed), scored_now)
-    return finish(output, counts, progress, bad_files, started, later)
+    return finish(output, counts, progress, bad_files, started, later, to_write)
+
+
+def rank_and_write(
+    settings: RescoreSettings,
+    versions: list[str],
+    first: tuple[Location, list[str]],
+    output: Location,
+    plan: InputPlan,
+    expected: int,
+) -> tuple[int, list[int]]:
+    """A ranked job's last phases: a cascade's later stages, then the per-query ranking.
+
+    Returns:
+        The rows the output must hold, and the pairs each later cascade stage scored.
+
+    Raises:
+        RowsLostError: A stage's units, or the ranking, do not account for every expected row.
+    """
+    job = settings.job
+    (last_at, last_names), later = first, []
+    if settings.cascade.cascade:
+        last_at, last_names, stage_counts = run_later_stages(settings, versions, first, output, plan.num_rows)
+        for number, counts in enumerate(stage_counts, 2):
+            check_rows(_rows_in(counts), expected, f"stage {number}'s scored units")
+        later = [sum(unit["scored"] for unit in counts.values()) for counts in stage_counts]
+    activation = settings.stages[-1].activation
+    ranked = rank_scored(
+        last_at, last_names, output, job, plan.num_rows, _stage_columns(settings), activation
+    )
+    check_rows(
+        ranked.written + ranked.cut, expected, "the ranked rows (written, plus those --top-k left out)"
+    )
+    return ranked.written, later
+
+
+class RowsLostError(OutputError):
+    """The rows a step holds are not the rows read less the skipped files' rows: never marked a success."""
+
+    error_type = "rows_lost"
+
+
+def expected_rows(plan: InputPlan, bad_files: Mapping[str, str]) -> int:
+    """Rows the job must account for: every input row, less the rows of the files it left out."""
+    rows = {path: footer.num_rows for path, footer in zip(plan.files, plan.footers, strict=True)}
+    return plan.num_rows - sum(rows.get(path, 0) for path in bad_files)
+
+
+def check_rows(actual: int, expected: int, what: str) -> None:
+    """Fail loudly when a step of the job does not hold the rows it must.
+
+    Raises:
+        RowsLostError: ``actual`` differs from ``expected``; nothing is marked complete.
+    """
+    if actual != expected:
+        raise RowsLostError(
+            f"{what} hold {actual} rows where {expected} were expected (rows read, less those in skipped "
+            "files); the output is not marked complete: rerun the job, or with --overwrite to start afresh"
+        )
+
+
+def _rows_in(counts: Mapping[str, Mapping[str, Any]]) -> int:
+    return sum(int(unit["rows"]) for unit in counts.values())
 
 
 def kept_units(
@@ -182,6 +274,8 @@ def score_first_stage(
         plan.location, job.query_column, job.passage_column, score_column, position, skip_bad_files=skip
     )
     options = pinned_model(model_options(stage), version)
+    if job.group_column:  # ranked: the order is decided on raw logits, the activation applied on writing
+        options = raw_scores(options)
     return score_units(units, scoring, options, job, destination, stage_sizing(stage, job))
 
 
@@ -192,8 +286,9 @@ def finish(
     bad_files: Mapping[str, str],
     started: float,
     later_stages: Sequence[int] = (),
+    rows_expected: int | None = None,
 ) -> JobSummary:
-    """Write the skipped-files report and ``_SUCCESS``, clear the working directories, summarize.
+    """Check the output's rows, write the skipped-files report and the summary, then ``complete``.
 
     Args:
         output: The output directory.
@@ -202,6 +297,10 @@ def finish(
         bad_files: Input files left out, and why.
         started: ``time.perf_counter()`` at the start of the run.
         later_stages: Pairs each later cascade stage scored.
+        rows_expected: The rows the output files must hold (None: not checked).
+
+    Raises:
+        RowsLostError: The output's files hold other than ``rows_expected`` rows.
 
     """
     num_units, resumed, scored_now = units
@@ -211,9 +310,12 @@ def finish(
     total = {
         key: sum(unit[key] for unit in counts.values()) for key in ("rows", "scored", "null", "truncated")
     }
+    rows_written = count_rows(output)
+    if rows_expected is not None:
+        check_rows(rows_written, rows_expected, "the output files")
     summary = JobSummary(
         rows_read=total["rows"],
-        rows_written=count_rows(output),
+        rows_written=rows_written,
         pairs_scored=total["scored"],
         null_scores=total["null"],
         pairs_truncated=total["truncated"],
@@ -224,15 +326,23 @@ def finish(
         wall_seconds=time.perf_counter() - started,
         stage_pairs_scored=[total["scored"], *later_stages] if later_stages else [],
     )
+    write_json(output, WRITTEN_NAME, dataclasses.asdict(summary))  # a crash below: a rerun only cleans up
+    complete(output, summary)
+    return summary
+
+
+def complete(output: Location, summary: JobSummary) -> None:
+    """Clear the working directories, then write ``_SUCCESS`` (the summary) and drop ``_WRITTEN``.
+
+    The working directories go first: a crash before ``_SUCCESS`` leaves no second copy of the data
+    beside a finished output, and ``_WRITTEN`` tells the rerun that only this step is left.
+    """
     working_dirs = {TMP_DIR, SCORED_DIR, RANKING_DIR} | {
         name for name in list_names(output, prefix="_") if name.startswith(("_select", "_scored"))
     }
-    for name in sorted(working_dirs):  # first: a crash before _SUCCESS leaves no copy behind
-        working = output.child(name)
-        if working.fs.exists(working.path):
-            working.fs.rm(working.path, recursive=True)
+    remove_files(output, sorted(working_dirs))
     write_json(output, SUCCESS_NAME, dataclasses.asdict(summary))
-    return summary
+    remove_files(output, [WRITTEN_NAME])
 
 
 def _text_columns(job: JobSettings) -> list[str]:
@@ -251,7 +361,7 @@ def _new_columns(settings: RescoreSettings) -> list[str]:
         job.score_column,
         *_stage_columns(settings),
         *(["rank"] if settings.adds_rank else []),
-        *([POSITION_COLUMN, SELECTED_COLUMN] if job.group_column else []),
+        *(HIDDEN_COLUMNS if job.group_column else []),
     ]
 
 
@@ -269,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = run(settings)
     except RerankError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, RowsLostError) else 2
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(exc.cause, Exception) else exc
         print(f"error: scoring failed: {type(cause).__name__}: {cause}".splitlines()[0], file=sys.stderr)

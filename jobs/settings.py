@@ -71,6 +71,8 @@ class RescoreSettings(ComposedSettings):
     def _cascade_needs_groups(self) -> Self:
         if self.cascade.cascade and not self.job.group_column:
             raise ValueError("a cascade needs --group-column (the query-id column): k is per query")
+        if len({stage.activation for stage in self.stages}) > 1:
+            raise ValueError("a cascade's stages write their scores with one activation: set it once")
         return self
 
     @functools.cached_property

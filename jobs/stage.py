@@ -25,7 +25,7 @@ import ray.data
 from jobs.resources import ActorPoolPlan, PoolRequest, alive_node_resources, plan_actor_pool
 from jobs.scoring import score_tokens, tokenize_table, tokenize_task_env, tokenizer_for
 from reranker.errors import InputError
-from reranker.loading import check_loadable
+from reranker.loading import check_loadable, model_version, pinned_model
 from reranker.settings import DEFAULT_MODEL, ModelOptions
 
 TOKEN_COLUMNS = {  # tokenize_table's columns, as they travel hidden beside the user's
@@ -65,13 +65,18 @@ def add_scores(
         gpus_per_actor: GPUs each actor reserves (default: 1 when the cluster has GPUs).
         io_cpus: CPUs each tokenization task reserves, left free by the actors on every node.
 
+    A hub model is pinned here, on the driver, to the commit its revision (default ``main``) points
+    at now: a long pipeline never mixes two versions of the model or of its tokenizer.
+
     Raises:
-        ModelLoadError: The model can't be loaded or has no trained head (checked here, on the driver).
+        ModelLoadError: The model can't be loaded or has no trained head, or a hub model's commit
+            can't be resolved (checked here, on the driver).
         InputError: The dataset's known schema lacks a column, or would be overwritten.
     """
     options = model if isinstance(model, ModelOptions) else ModelOptions.model_validate({"model": model})
     _check_columns(dataset, [query_column, passage_column], score_column)
     check_loadable(options)
+    options = pinned_model(options, model_version(options))  # every task and actor: one hub commit
     request = PoolRequest(num_actors, cpus_per_actor, gpus_per_actor, io_cpus)
     pool = plan_actor_pool(alive_node_resources(), request, options.torch_threads)
     steps = ScoringSteps(

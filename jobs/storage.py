@@ -6,28 +6,53 @@ input fails fast with a message that names the file and column.
 
 from __future__ import annotations
 
+import os
 import posixpath
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import glob_translate
 
-from jobs.retries import is_transient, with_retries
-from reranker.errors import InputError, OutputError
+from jobs.retries import STORAGE_ATTEMPTS, is_transient, with_retries
+from reranker.errors import InputError, OutputError, RerankError
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 _GLOB_CHARS = ("*", "?", "[")
 _TEXT_TYPES = (pa.string(), pa.large_string(), pa.string_view(), pa.null())
+_SAMPLE_OUTPUT_FILE = "part-00000-000000000000.parquet"  # a name the job writes (jobs.units)
+T = TypeVar("T")
 
 
-class StorageUnavailableError(InputError):
+class StorageUnavailableError(RerankError):
     """Storage kept failing with transient errors through every retry: an outage, not a bad file."""
+
+    error_type = "storage_unavailable"
+
+
+def storage_call(action: Callable[[], T], what: str) -> T:
+    """A driver-side storage call (listing, ``info``, ``exists``, ...), its transient errors retried.
+
+    Raises:
+        StorageUnavailableError: Still failing transiently after every retry; one line naming ``what``.
+        Exception: The first error that is not transient, unchanged.
+    """
+    try:
+        return with_retries(action, what)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StorageUnavailableError(
+            f"{what}: storage unavailable after {STORAGE_ATTEMPTS} tries: {reason}"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -81,11 +106,12 @@ class InputPlan:
 
     def file_versions(self) -> list[dict[str, Any]]:
         """Each file's path (relative to the input), size and version (ETag or mtime), for a manifest."""
-        return [_file_version(self.location, path) for path in self.files]
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(self.files)))) as pool:
+            return list(pool.map(lambda path: _file_version(self.location, path), self.files))
 
 
 def _file_version(location: Location, path: str) -> dict[str, Any]:
-    info = location.fs.info(path)
+    info = storage_call(lambda: location.fs.info(path), f"reading the details of {path}")
     version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
     relative = posixpath.relpath(path, location.path) if path != location.path else posixpath.basename(path)
     return {"path": relative, "size": info.get("size"), "version": str(version)}
@@ -109,20 +135,27 @@ def find_input_files(uri: str, storage_options: dict[str, Any]) -> tuple[Locatio
     """
     location = locate(uri, storage_options)
     fs, path = location.fs, location.path
-    if any(char in path for char in _GLOB_CHARS):
+    listing = f"listing {uri}"
+    if is_glob(path):
         root = _glob_root(path)
-        files = [match for match in fs.glob(path) if _is_visible(match, root) and fs.isfile(match)]
+        matches = storage_call(lambda: fs.glob(path, detail=True), listing)
+        files = [name for name, info in matches.items() if _is_visible(name, root) and info["type"] == "file"]
         if not files:
             raise InputError(f"input path does not exist: no file matches {uri}")
-    elif fs.isdir(path):
-        files = [name for name in fs.find(path) if _is_data_file(name, path)]
+    elif storage_call(lambda: fs.isdir(path), listing):
+        files = [name for name in storage_call(lambda: fs.find(path), listing) if _is_data_file(name, path)]
         if not files:
             raise InputError(f"no Parquet files ({', '.join(PARQUET_SUFFIXES)}) found under {uri}")
-    elif fs.isfile(path):
+    elif storage_call(lambda: fs.isfile(path), listing):
         files = [path]
     else:
         raise InputError(f"input path does not exist: {uri}")
     return location, sorted(files)
+
+
+def is_glob(path: str) -> bool:
+    """Whether a path holds glob wildcards (``*``, ``?``, ``[``)."""
+    return any(char in path for char in _GLOB_CHARS)
 
 
 def _is_data_file(path: str, root: str) -> bool:
@@ -164,10 +197,8 @@ def read_footer(fs: fsspec.AbstractFileSystem, path: str) -> Footer:
             return Footer(metadata.schema.to_arrow_schema(), metadata.num_rows, groups)
 
     try:
-        return with_retries(read, f"reading the footer of {path}")
+        return storage_call(read, f"reading the footer of {path}")
     except (OSError, pa.ArrowException) as exc:
-        if is_transient(exc):
-            raise StorageUnavailableError(f"cannot read {path}: storage unavailable: {exc}") from exc
         raise InputError(f"cannot read Parquet file {path}: {exc}") from exc
 
 
@@ -270,6 +301,59 @@ def _first_difference(first: pa.Schema, other: pa.Schema) -> str:
     return f"columns in another order ({', '.join(other.names)})"
 
 
+def check_output_apart(
+    plan: InputPlan, input_uri: str, output_uri: str, storage_options: dict[str, Any]
+) -> None:
+    """Refuse an output that equals, contains or lies inside the input, before anything is written.
+
+    The job writes its files into the output and, with ``--overwrite``, deletes it first: either
+    would destroy or change the input (rescoring last week's output in place, an output one level up).
+
+    Raises:
+        OutputError: One line naming both locations.
+    """
+    output = locate(output_uri, storage_options)
+    if not _same_filesystem(plan.location.fs, output.fs):
+        return
+    out = _normalised(output)
+    source = _normalised(plan.location)
+    paths = [_normalised(plan.location, path) for path in [*plan.files, *plan.skipped]]
+    if not is_glob(source):
+        paths.append(source)
+    if any(out == path or _inside(path, out) or _inside(out, path) for path in paths):
+        raise OutputError(
+            f"output {output_uri} overlaps input {input_uri} (it equals, contains or lies inside it) and "
+            "the job writes there, or with --overwrite deletes it first; choose an output outside the input"
+        )
+    if is_glob(source) and re.match(glob_translate(source), posixpath.join(out, _SAMPLE_OUTPUT_FILE)):
+        raise OutputError(
+            f"output {output_uri} lies where input {input_uri} matches: a rerun would read the job's own "
+            "files as input; choose an output the pattern does not reach"
+        )
+
+
+def _same_filesystem(first: fsspec.AbstractFileSystem, second: fsspec.AbstractFileSystem) -> bool:
+    protocols = [{first.protocol} if isinstance(first.protocol, str) else set(first.protocol)]
+    protocols.append({second.protocol} if isinstance(second.protocol, str) else set(second.protocol))
+    return bool(protocols[0] & protocols[1])
+
+
+def _normalised(location: Location, path: str | None = None) -> str:
+    """A path as comparable text: symlinks resolved on local disk, no trailing slash, no ``..``."""
+    path = posixpath.normpath(location.path if path is None else path)
+    if not location.is_local:
+        return path
+    if not is_glob(path):
+        return os.path.realpath(path)
+    root = _glob_root(path)
+    return os.path.realpath(root) + path[len(root) :]
+
+
+def _inside(path: str, directory: str) -> bool:
+    """Whether ``path`` lies strictly below ``directory``."""
+    return path.startswith(directory.rstrip("/") + "/")
+
+
 def prepare_output(
     uri: str, storage_options: dict[str, Any], overwrite: bool, resumable: Sequence[str] = ()
 ) -> Location:
@@ -289,12 +373,12 @@ def prepare_output(
     location = locate(uri, storage_options)
     fs, path = location.fs, location.path
     fs.invalidate_cache(path)
-    if fs.exists(path):
-        if fs.isfile(path):
+    if storage_call(lambda: fs.exists(path), f"checking {uri}"):
+        if storage_call(lambda: fs.isfile(path), f"checking {uri}"):
             raise OutputError(f"output {uri} is a file; give a directory for the Parquet dataset")
-        entries = fs.ls(path, detail=False)
+        entries = storage_call(lambda: fs.ls(path, detail=False), f"listing {uri}")
         if entries and overwrite:
-            fs.rm(path, recursive=True)
+            storage_call(lambda: fs.rm(path, recursive=True), f"deleting {uri}")
         elif entries and not {posixpath.basename(entry.rstrip("/")) for entry in entries} & set(resumable):
             raise OutputError(f"output {uri} already holds data; pass --overwrite to replace it")
     return location
@@ -310,5 +394,6 @@ def write_empty_output(location: Location, schema: pa.Schema) -> None:
 def count_rows(location: Location) -> int:
     """Rows in the Parquet files under an output directory, from their footers."""
     location.fs.invalidate_cache(location.path)
-    files = [name for name in location.fs.find(location.path) if _is_data_file(name, location.path)]
+    found = storage_call(lambda: location.fs.find(location.path), f"listing {location.path}")
+    files = [name for name in found if _is_data_file(name, location.path)]
     return sum(read_footer(location.fs, path).num_rows for path in files)

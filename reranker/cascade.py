@@ -7,8 +7,14 @@ device is set once. An empty list means one model: the model settings, exactly a
 
 The final order of one query's candidates: those that reached the last stage first, by its score;
 then those that stopped one stage earlier, by that stage's score; and so on (as Vespa orders hits
-outside a rerank window). Ties keep input order. A candidate's final score is the score of the last
-stage it reached.
+outside a rerank window). Ties keep input order.
+
+The reported score follows that order (``monotone_scores``), so a client that re-sorts, merges or
+thresholds by score keeps the cascade's order: candidates that reached the last stage report its raw
+score unchanged; a group that stopped earlier reports its own stage's scores, shifted down (in raw
+logits, by one amount for the whole group, so their spacing is kept) when its best would otherwise
+reach the lowest score reported above it, to ``TIER_GAP`` below that. Each stage's own score stays
+available as it was (the job's per-stage columns, the service's ``stage_scores``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pydantic import Field, model_validator
 from reranker.settings import ModelOptions, SettingsSection
 
 logger = logging.getLogger(__name__)
+TIER_GAP = 1e-3  # raw-logit distance between a shifted group's best and the lowest score above it
 
 
 class CascadeStage(ModelOptions):
@@ -128,6 +135,26 @@ def cascade_order(
     ties = np.arange(count) if positions is None else np.asarray(positions)
     order = np.lexsort((ties, np.where(has_score, -final, np.inf), -reached))
     return order, final, reached
+
+
+def monotone_scores(order: np.ndarray, final: np.ndarray, reached: np.ndarray) -> np.ndarray:
+    """Reported raw scores that never increase along ``order`` (the output of ``cascade_order``).
+
+    Candidates that reached the same number of stages keep their relative scores; each such group is
+    shifted down as a whole, only when needed, to ``TIER_GAP`` below the lowest score reported above
+    it. Those that reached the last stage are never shifted; NaN (no score) stays NaN.
+    """
+    reported = np.asarray(final, dtype=np.float64).copy()
+    floor = np.inf
+    for depth in sorted({int(d) for d in reached[order] if d > 0}, reverse=True):
+        members = (reached == depth) & ~np.isnan(reported)
+        if not members.any():
+            continue
+        best = reported[members].max()
+        if best >= floor:
+            reported[members] -= best - floor + TIER_GAP
+        floor = reported[members].min()
+    return reported
 
 
 def top_candidates(scores: np.ndarray, count: int, positions: np.ndarray | None = None) -> np.ndarray:

@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from reranker.errors import ModelLoadError
 from reranker.settings import ModelOptions
@@ -27,6 +27,7 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 _SNAPSHOT = re.compile(r"snapshots/([0-9a-f]{40})/")
+Options = TypeVar("Options", bound=ModelOptions)
 
 
 def hub_options(settings: ModelOptions) -> dict[str, Any]:
@@ -166,6 +167,16 @@ def model_version(settings: ModelOptions) -> str:
         listing = [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in files]
         return "dir:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
     return f"hub:{resolved_commit(settings)}"
+
+
+def pinned_model(model: Options, version: str) -> Options:
+    """The model settings workers load: a hub model pinned to the commit ``model_version`` resolved.
+
+    Every task and actor of a job or pipeline then loads the same weights and tokenizer, even if the
+    hub's ``main`` moves while it runs. A local directory is returned unchanged.
+    """
+    commit = version.removeprefix("hub:")
+    return model.model_copy(update={"revision": commit}) if version.startswith("hub:") else model
 
 
 def resolved_commit(settings: ModelOptions) -> str:

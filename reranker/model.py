@@ -251,7 +251,9 @@ class CrossEncoderModel:
         pairs_cap = max_batch_pairs or self.settings.max_batch_pairs
         for batch in plan_batches(encoded.lengths, self.max_batch_tokens, pairs_cap):
             scores[batch] = self.forward(encoded, batch)
-        return sigmoid(scores) if (activation or self.settings.activation) == "sigmoid" else scores
+        if (activation or self.settings.activation) == "sigmoid":
+            return sigmoid(scores).astype(np.float32)
+        return scores
 
     @overload
     def predict(

@@ -9,9 +9,11 @@ variables, the YAML config file (``--config`` / ``RERANK_CONFIG``), then the def
 from __future__ import annotations
 
 import argparse
+import difflib
+import logging
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any, Self
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, ClassVar, Self
 
 import fsspec
 import pydantic
@@ -30,6 +32,7 @@ from reranker.errors import ConfigError
 from reranker.types import Activation, Precision
 
 DEFAULT_MODEL = "cross-encoder/ms-marco-TinyBERT-L2-v2"
+logger = logging.getLogger(__name__)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -122,10 +125,39 @@ class ModelSettings(ModelOptions, SettingsSection):  # type: ignore[misc]  # bot
     """The model's settings section of a program: ``ModelOptions`` from flags, ``RERANK_*`` and files."""
 
 
+ENV_PREFIX = "RERANK_"
+CONFIG_ENV = "RERANK_CONFIG"
+_warned_env: set[str] = set()
+
+
+def warn_unknown_env(known: Collection[str], program: str, environ: Mapping[str, str] = os.environ) -> None:
+    """Log a warning, once per process and name, for each ``RERANK_*`` variable that is no setting here.
+
+    A typo (``RERANK_APIKEY``) would otherwise be ignored without a word; ``RERANK_EVAL_*`` belongs to
+    the evaluation job.
+    """
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name.startswith("RERANK_EVAL_"):
+            continue
+        if name in known or name in _warned_env:
+            continue
+        _warned_env.add(name)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        logger.warning("%s is not a setting of %s and is ignored%s", name, program, hint)
+
+
 class ComposedSettings(BaseModel):
     """Settings made of sections; one config file (``--config`` / ``RERANK_CONFIG``) feeds them all."""
 
     model_config = ConfigDict(frozen=True)
+    other_env: ClassVar[frozenset[str]] = frozenset()  # RERANK_* names the program reads elsewhere
+
+    @classmethod
+    def env_names(cls) -> set[str]:
+        """Every ``RERANK_*`` variable this program reads."""
+        fields = {name for section in cls.sections().values() for name in section.model_fields}
+        return {f"{ENV_PREFIX}{name.upper()}" for name in fields} | {CONFIG_ENV} | set(cls.other_env)
 
     @classmethod
     def sections(cls) -> dict[str, type[SettingsSection]]:
@@ -146,7 +178,8 @@ class ComposedSettings(BaseModel):
         Raises:
             ConfigError: Unknown or invalid settings; the message names them.
         """
-        path = config_file or os.environ.get("RERANK_CONFIG")
+        warn_unknown_env(cls.env_names(), cls.__name__)
+        path = config_file or os.environ.get(CONFIG_ENV)
         layered = {**(file_values or {}), **(read_config_file(path) if path else {})}
         sections = cls.sections()
         known = {name for section in sections.values() for name in section.model_fields}

@@ -37,6 +37,7 @@ from serve.errors import (
     ModelNotFoundError,
     OverloadedError,
     PayloadTooLargeError,
+    ReplicaLostError,
     RequestValidationError,
     status_of,
 )
@@ -73,7 +74,8 @@ _DESCRIPTIONS = {
     413: "The body exceeds max_body_bytes, or an input is too long and truncate is false.",
     422: "A field breaks the schema or a limit (the message names it), or a text is blank.",
     500: "An internal error; the message holds a request id to find the details in the server log.",
-    503: "Overloaded (queue full) or the model is not ready; retry after Retry-After seconds.",
+    503: "Overloaded (queue full), the model is not ready, or a cascade stage's replica was lost; "
+    "retry after Retry-After seconds.",
 }
 
 
@@ -330,7 +332,7 @@ def _info_routes() -> APIRouter:
             await service.ranker.health_check()
         except RuntimeError as exc:
             raise OverloadedError(str(exc)) from exc
-        return Health()
+        return Health(config_refused=await service.ranker.refused_configs())
 
     @router.get(
         "/v1/models",
@@ -366,7 +368,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             return internal_error(request, exc)
         _count_error(request, exc.error_type)
         headers = None
-        if isinstance(exc, OverloadedError):
+        if isinstance(exc, OverloadedError | ReplicaLostError):
             service = find_service(request)
             retry_after = service.settings.serving.retry_after_s if service is not None else 1
             headers = {"Retry-After": str(retry_after)}

@@ -2,27 +2,32 @@
 
 Each stage is a ``StageScorer``: the replica's own ``RerankEngine`` (a single model, or every stage of
 a cascade in one replica), or a ``RemoteStage`` that calls a stage's own Serve deployment through its
-handle. The stages' scores are raw logits; the order is ``reranker.cascade.cascade_order``.
+handle. The stages' scores are raw logits; the order is ``reranker.cascade.cascade_order``, and the
+reported scores follow it (``reranker.cascade.monotone_scores``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from ray.exceptions import RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
-from reranker.cascade import cascade_order, top_candidates
+from reranker.cascade import cascade_order, monotone_scores, top_candidates
 from reranker.errors import RerankError
 from serve.engine import DEFAULT_TRUNCATION, Scored, Truncation
-from serve.errors import OverloadedError
+from serve.errors import OverloadedError, ReplicaLostError
+
+logger = logging.getLogger("ray.serve")
+REPLICA_LOSS = (ActorDiedError, ActorUnavailableError)  # a stage replica gone, or unreachable
 
 
 class StageScorer(Protocol):
-    """What ranking needs of one stage: raw logits for pairs, a health check, its max length."""
+    """What ranking needs of one stage: raw logits for pairs, its health, its max length."""
 
     @property
     def max_length(self) -> int: ...  # noqa: D102
@@ -33,24 +38,40 @@ class StageScorer(Protocol):
 
     async def health_check(self) -> None: ...  # noqa: D102
 
+    async def refused_config(self) -> str | None: ...  # noqa: D102
+
 
 class RemoteStage:
     """A stage served by its own deployment, called through a Serve deployment handle."""
 
-    def __init__(self, handle: Any, max_length: int) -> None:
+    def __init__(self, handle: Any, max_length: int, name: str = "stage") -> None:
         self.handle = handle
         self.max_length = max_length
+        self.name = name
 
     async def score(
         self, queries: Sequence[str], passages: Sequence[str], truncation: Truncation = DEFAULT_TRUNCATION
     ) -> Scored:
         """The stage deployment's scores; its domain errors (e.g. overload) come back as themselves.
 
+        A call whose replica died (or can't be reached) is sent once more: the handle's router has
+        dropped that replica by then. Scoring is idempotent.
+
         Raises:
             OverloadedError: The stage is overloaded (its queue, or Serve's backpressure).
+            ReplicaLostError: The stage's replica was lost on both tries.
         """
+        for attempt in (1, 2):
+            try:
+                return await self._call(list(queries), list(passages), truncation)
+            except REPLICA_LOSS as exc:
+                logger.warning("stage %s lost its replica (try %d of 2): %s", self.name, attempt,
+                               type(exc).__name__)  # fmt: skip
+        raise ReplicaLostError(f"the replica of cascade stage {self.name} stopped; retry the request")
+
+    async def _call(self, queries: list[str], passages: list[str], truncation: Truncation) -> Scored:
         try:
-            scored: Scored = await self.handle.score.remote(list(queries), list(passages), truncation)
+            scored: Scored = await self.handle.score.remote(queries, passages, truncation)
         except BackPressureError as exc:
             raise OverloadedError(f"a cascade stage is busy: {exc}") from None
         except RayTaskError as exc:
@@ -63,16 +84,26 @@ class RemoteStage:
         """Raise unless the stage deployment can score."""
         await self.handle.check_health.remote()
 
+    async def refused_config(self) -> str | None:
+        """Why the stage deployment refused its last ``user_config``, if it did."""
+        refused: str | None = await self.handle.refused_config.remote()
+        return refused
+
 
 @dataclass(frozen=True)
 class Ranked:
-    """One request's documents ranked: order best first, final raw scores, and each stage's."""
+    """One request's documents ranked: order best first, reported raw scores, and each stage's."""
 
     order: np.ndarray
-    scores: np.ndarray  # the last stage each document reached (NaN: none)
+    scores: np.ndarray  # raw, never increasing along ``order`` (NaN: none)
     stage_scores: list[np.ndarray]  # one per stage, NaN where a document did not reach it
     num_tokens: int
-    num_truncated: int
+    truncated: np.ndarray  # bool per document: cut to fit at any stage
+
+    @property
+    def num_truncated(self) -> int:
+        """Documents cut to fit (each counted once, whatever the stages that cut it)."""
+        return int(np.count_nonzero(self.truncated))
 
 
 class CascadeRanker:
@@ -103,7 +134,7 @@ class CascadeRanker:
             counts[-1] = rerank_count
         stage_scores = [np.full(len(documents), np.nan) for _ in self.stages]
         candidates = np.arange(len(documents))
-        tokens = truncated = 0
+        tokens, truncated = 0, np.zeros(len(documents), dtype=bool)
         for number, stage in enumerate(self.stages):
             if number:
                 previous = stage_scores[number - 1][candidates]
@@ -111,11 +142,19 @@ class CascadeRanker:
             texts = [documents[int(i)] for i in candidates]
             scored = await stage.score([query] * len(texts), texts, truncation)
             stage_scores[number][candidates] = scored.scores
-            tokens, truncated = tokens + scored.num_tokens, truncated + scored.num_truncated
-        order, final, _ = cascade_order(stage_scores)
-        return Ranked(order, final.astype(np.float32), stage_scores, tokens, truncated)
+            tokens += scored.num_tokens
+            truncated[candidates] |= scored.truncated
+        order, final, reached = cascade_order(stage_scores)
+        return Ranked(order, monotone_scores(order, final, reached), stage_scores, tokens, truncated)
 
     async def health_check(self) -> None:
         """Raise unless every stage can score."""
         for stage in self.stages:
             await stage.health_check()
+
+    async def refused_configs(self) -> dict[str, str]:
+        """Each stage's refused ``user_config``, by stage name (empty when none was refused)."""
+        refused = {
+            name: await stage.refused_config() for name, stage in zip(self.names, self.stages, strict=True)
+        }
+        return {name: reason for name, reason in refused.items() if reason}

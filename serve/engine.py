@@ -1,9 +1,9 @@
-"""The engine between the routes and the model: a bounded batching queue and one model thread.
+"""The engine between the routes and the model: a bounded FIFO batching queue and one model thread.
 
-Requests are cut into chunks of at most ``max_batch_pairs`` pairs; ``serve.batch`` coalesces the
-chunks of concurrent requests into model batches measured in pairs (``batch_size_fn``), and every
-model call (tokenization included) runs on one dedicated thread, so the tokenizer is never used
-from two threads and torch keeps a single, warm intra-op thread pool.
+Requests are cut into chunks of at most ``max_batch_pairs`` pairs; ``BatchQueue`` coalesces the chunks
+of concurrent requests into model batches of at most ``max_batch_pairs`` pairs, strictly in arrival
+order, and every model call (tokenization included) runs on one dedicated thread, so the tokenizer is
+never used from two threads and torch keeps a single, warm intra-op thread pool.
 
 The engine returns raw logits whatever the model's ``activation`` setting: the routes apply the
 activation their API defines. A batch that fails is retried one request at a time, so only the
@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import itertools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydantic
-from ray import serve
 
 from reranker.errors import ConfigError
 from reranker.types import TruncationSide
@@ -41,7 +41,7 @@ HEALTH_PROBE_INTERVAL_S = 10.0  # /health and Serve's check run a forward pass a
 
 
 class BatchingConfig(pydantic.BaseModel):
-    """The batching knobs a replica changes at run time (Serve's ``user_config``)."""
+    """The batching knobs in force in one engine (changed at run time through Serve's ``user_config``)."""
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
 
@@ -58,10 +58,65 @@ class BatchingConfig(pydantic.BaseModel):
         try:
             return BatchingConfig.model_validate({**self.model_dump(), **changes})
         except pydantic.ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ConfigError(
-                f"user_config: {problems} (allowed: {sorted(BatchingConfig.model_fields)})"
-            ) from None
+            raise ConfigError(_problems("user_config", exc)) from None
+
+
+def _problems(where: str, exc: pydantic.ValidationError) -> str:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return (
+        f"{where}: {problems} (allowed: {sorted(BatchingConfig.model_fields)}, and stages: {{NAME: {{...}}}})"
+    )
+
+
+class BatchingOverrides(pydantic.BaseModel):
+    """Batching keys a ``user_config`` sets; a key it leaves out keeps the value from the settings."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    max_batch_pairs: int | None = pydantic.Field(None, ge=1)
+    batch_wait_timeout_s: float | None = pydantic.Field(None, ge=0)
+    max_pending_pairs: int | None = pydantic.Field(None, ge=1)
+
+    def changes(self, skip: Collection[str] = ()) -> dict[str, Any]:
+        """The keys this sets, less ``skip``."""
+        values = self.model_dump(include=set(BatchingOverrides.model_fields), exclude_none=True)
+        return {key: value for key, value in values.items() if key not in skip}
+
+
+class UserConfig(BatchingOverrides):
+    """A deployment's ``user_config``: batching keys for every stage, and ``stages`` for one stage each.
+
+    The layer above the settings (flags, ``RERANK_*``, args): a key applies where it is set, on top of
+    the stage's settings. A top-level key applies to every stage except one whose cascade declaration
+    sets that key itself; ``stages: {NAME: {...}}`` applies to that stage alone and wins over both.
+    """
+
+    stages: dict[str, BatchingOverrides] = pydantic.Field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any] | None, stage_names: Collection[str]) -> UserConfig:
+        """Validate a ``user_config`` against the keys and the stage names it may use.
+
+        Raises:
+            ConfigError: An unknown key or stage, or an invalid value, named in the message.
+        """
+        try:
+            parsed = cls.model_validate(dict(raw or {}))
+        except pydantic.ValidationError as exc:
+            raise ConfigError(_problems("user_config", exc)) from None
+        unknown = sorted(set(parsed.stages) - set(stage_names))
+        if unknown:
+            raise ConfigError(f"user_config: stages: unknown {unknown} (the stages: {sorted(stage_names)})")
+        return parsed
+
+    def for_stage(self, base: BatchingConfig, name: str, own: Collection[str] = ()) -> BatchingConfig:
+        """Stage ``name``'s batching: ``base`` (its settings), the top-level keys but ``own``, its entry.
+
+        Raises:
+            ConfigError: The result is invalid.
+        """
+        specific = self.stages.get(name) or BatchingOverrides.model_validate({})
+        return base.updated({**self.changes(skip=own), **specific.changes()})
 
 
 @dataclass(frozen=True)
@@ -86,15 +141,97 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Scored:
-    """Raw logits of one chunk or request, with token accounting."""
+    """Raw logits of one chunk or request, with token accounting and which pairs were truncated."""
 
     scores: np.ndarray
     num_tokens: int
-    num_truncated: int
+    truncated: np.ndarray  # bool per pair
+
+    @property
+    def num_truncated(self) -> int:
+        """Pairs cut to fit."""
+        return int(np.count_nonzero(self.truncated))
 
 
-def _pairs_in(chunks: list[Chunk]) -> int:
-    return sum(len(chunk.queries) for chunk in chunks)
+@dataclass
+class _Waiting:
+    """A queued chunk and the future its request awaits."""
+
+    chunk: Chunk
+    future: asyncio.Future[Scored | Exception]
+
+
+class BatchQueue:
+    """First in, first out batching of chunks into model batches of at most ``max_pairs`` pairs.
+
+    A batch takes the queued chunks in arrival order while they fit; the first one that does not fit
+    starts the next batch, so no chunk is passed over by later ones (Serve's ``serve.batch`` sends it
+    to the back of its queue, where full-size chunks can wait behind small ones under mixed load). A
+    chunk larger than ``max_pairs`` (cut before the cap was lowered) is a batch of its own. A batch
+    waits up to ``wait_s`` for more chunks unless it is full; one batch runs at a time.
+    """
+
+    def __init__(self, run: Callable[[list[Chunk]], Awaitable[list[Scored | Exception]]]) -> None:
+        self._run = run
+        self.max_pairs, self.wait_s = 1, 0.0
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def pairs_waiting(self) -> int:
+        """Pairs queued and not yet in a batch."""
+        return sum(len(item.chunk.queries) for item in self._waiting)
+
+    async def submit(self, chunk: Chunk) -> Scored | Exception:
+        """Queue ``chunk``; its result (or the exception scoring it raised) once its batch ran."""
+        loop = asyncio.get_running_loop()
+        self._ensure_worker(loop)
+        future: asyncio.Future[Scored | Exception] = loop.create_future()
+        self._waiting.append(_Waiting(chunk, future))
+        assert self._arrived is not None
+        self._arrived.set()
+        return await future
+
+    def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the batching task on this loop (again, if an earlier loop closed)."""
+        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
+            self._waiting.clear()  # futures of a closed loop can never be answered
+            self._arrived = asyncio.Event()
+            self._worker = loop.create_task(self._work())
+
+    async def _work(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            try:
+                results = await self._run([item.chunk for item in batch])
+            except Exception as exc:
+                results = [exc] * len(batch)
+            for item, result in zip(batch, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)
+
+    async def _next_batch(self) -> list[_Waiting]:
+        """The next batch in arrival order, once full or its wait is over (requests that left: dropped)."""
+        assert self._arrived is not None
+        while not self._waiting:
+            self._arrived.clear()
+            await self._arrived.wait()
+        loop = asyncio.get_running_loop()
+        batch, deadline = [self._waiting.popleft()], loop.time() + self.wait_s
+        pairs = len(batch[0].chunk.queries)
+        while True:
+            while self._waiting and pairs + len(self._waiting[0].chunk.queries) <= self.max_pairs:
+                batch.append(self._waiting.popleft())
+                pairs += len(batch[-1].chunk.queries)
+            if pairs >= self.max_pairs or self._waiting or loop.time() >= deadline:
+                break
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
+        return [item for item in batch if not item.future.cancelled()]
 
 
 class HealthCheck:
@@ -139,7 +276,7 @@ class HealthCheck:
 
 
 class RerankEngine:
-    """Admission control, batching and scoring for one replica."""
+    """Admission control, batching and scoring for one replica (one stage of a cascade)."""
 
     def __init__(
         self,
@@ -152,12 +289,11 @@ class RerankEngine:
         self.model = model
         self.metrics = metrics
         self.stage = stage  # the metrics' stage tag (a cascade's stage name)
+        self.base = batching  # from the settings: what a user_config's keys apply on top of
+        self.config_refused: str | None = None  # why the last user_config was refused, if it was
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-model")
         self.pending_pairs = 0
-        self._chunk_sizes: collections.Counter[int] = collections.Counter()  # queued or in flight
-        self._queue_limit = 0
-        # One batching queue per engine (serve.batch on a class method would share one across instances).
-        self._score_chunks = serve.batch(batch_size_fn=_pairs_in)(self._run_batch)
+        self.queue = BatchQueue(self._run_batch)
         self.health = HealthCheck(self._probe, health_interval_s)
         self.configure(batching)
 
@@ -169,28 +305,18 @@ class RerankEngine:
     def configure(self, batching: BatchingConfig) -> None:
         """Apply batching settings (from ``user_config``) without a restart; call on the event loop.
 
-        Chunks already queued were cut at the old ``max_batch_pairs``: the queue keeps admitting
-        chunks that large until they have drained, and forward passes follow the new cap at once.
+        Chunks already queued were cut at the old ``max_batch_pairs``: each larger one is a batch of
+        its own, and forward passes follow the new cap at once.
         """
         self.batching: BatchingConfig = batching
-        self._score_chunks.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
-        self._update_queue_limit()
+        self.queue.max_pairs, self.queue.wait_s = batching.max_batch_pairs, batching.batch_wait_timeout_s
 
-    def _update_queue_limit(self) -> None:
-        limit = max(self.batching.max_batch_pairs, max(self._chunk_sizes, default=0))
-        if limit != self._queue_limit:
-            self._queue_limit = limit
-            self._score_chunks.set_max_batch_size(limit)  # type: ignore[attr-defined]
-
-    def _hold(self, chunks: Sequence[Chunk], held: bool) -> None:
-        """Count (or release) the sizes of a request's chunks while they are queued or scored."""
-        for chunk in chunks:
-            size = len(chunk.queries)
-            self._chunk_sizes[size] += 1 if held else -1
-            if self._chunk_sizes[size] <= 0:
-                del self._chunk_sizes[size]
-        if not held:
-            self._update_queue_limit()
+    def refuse_config(self, reason: str) -> None:
+        """Record (log, metric, ``/health``) that a ``user_config`` was refused; the settings stay."""
+        self.config_refused = reason
+        logger.error("stage %s keeps its batching settings; refused %s", self.stage, reason)
+        if self.metrics is not None:
+            self.metrics.config_refused.inc(tags={"stage": self.stage})
 
     async def score(
         self, queries: Sequence[str], passages: Sequence[str], truncation: Truncation = Truncation()
@@ -211,19 +337,17 @@ class RerankEngine:
             for i in range(0, count, step)
         ]
         self.pending_pairs += count
-        self._hold(chunks, held=True)
         try:
-            parts: list[Scored | Exception] = await asyncio.gather(*map(self._score_chunks, chunks))
+            parts: list[Scored | Exception] = await asyncio.gather(*map(self.queue.submit, chunks))
         finally:
             self.pending_pairs -= count
-            self._hold(chunks, held=False)
         scored = [part for part in parts if not isinstance(part, Exception)]
         if len(scored) < len(parts):
             raise next(part for part in parts if isinstance(part, Exception))
         return Scored(
             scores=np.concatenate([part.scores for part in scored]),
             num_tokens=sum(part.num_tokens for part in scored),
-            num_truncated=sum(part.num_truncated for part in scored),
+            truncated=np.concatenate([part.truncated for part in scored]),
         )
 
     async def _run_batch(self, chunks: list[Chunk]) -> list[Scored | Exception]:
@@ -270,7 +394,9 @@ class RerankEngine:
         for i in members:
             window = slice(offset, offset + len(chunks[i].queries))
             results[i] = Scored(
-                scores[window], int(encoded.lengths[window].sum()), int(encoded.truncated[window].sum())
+                scores[window],
+                int(encoded.lengths[window].sum()),
+                np.asarray(encoded.truncated[window], bool),
             )
             offset = window.stop
         return results
@@ -289,6 +415,10 @@ class RerankEngine:
     async def health_check(self) -> None:
         """Raise unless the model scored a batch or a probe within the health interval."""
         await self.health.check()
+
+    async def refused_config(self) -> str | None:
+        """Why the last ``user_config`` was refused, if it was (the settings in force stayed)."""
+        return self.config_refused
 
     async def _probe(self) -> None:
         """Score one probe pair on the model thread; raise if the model can't score."""

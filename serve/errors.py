@@ -45,7 +45,7 @@ class OverloadedError(RerankError):
 
 
 class ReplicaLostError(RerankError):
-    """The replica serving a request died before answering, on every try; the client should retry."""
+    """A request's replica (or a cascade stage's) died before answering, and so did its one retry."""
 
     error_type = "replica_unavailable"
 

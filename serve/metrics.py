@@ -14,6 +14,9 @@ class RerankMetrics:
     def __init__(self) -> None:
         self.requests = Counter("rerank_requests_total", "Rerank requests by route.", tag_keys=("route",))
         self.errors = Counter("rerank_errors_total", "Error responses by type.", tag_keys=("type",))
+        self.config_refused = Counter(
+            "rerank_config_refused_total", "user_configs refused (the settings kept).", tag_keys=("stage",)
+        )
         stage = ("stage",)  # a cascade's stage name; stage1 for a single model
         self.pairs = Counter("rerank_pairs_scored_total", "Query-passage pairs scored.", tag_keys=stage)
         self.tokens = Counter("rerank_tokens_total", "Tokens fed to the model.", tag_keys=stage)

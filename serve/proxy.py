@@ -1,23 +1,52 @@
-"""A middleware for Serve's HTTP proxy: a request whose replica died is retried, else a 503.
+"""A middleware for Serve's HTTP proxy: a scoring request whose replica died is retried once, else a 503.
 
 When a replica dies with requests in flight (a SIGKILL, the OOM killer, a lost node), Serve's proxy
-answers each of them 500 and no body: its ASGI app returns without starting a response. Scoring
-is idempotent, so :class:`ReplicaLossRetry` sends such a request again (the router has by then taken
-the dead replica out of rotation) and, when every try was lost, answers the designed 503 with
-``Retry-After`` in the service's error shape. A response the app started, a 503 from Serve's own
-back-pressure, and a client that hung up pass through untouched.
+answers each of them 500 and no body: its ASGI app returns without starting a response. Scoring is
+idempotent, so :class:`ReplicaLossRetry` sends such a request again (the router has by then taken the
+dead replica out of rotation), and answers the designed 503 with ``Retry-After`` in the service's error
+shape when that retry was lost too or the dead replica's retry budget is spent. It retries only when
+all of these hold, and otherwise leaves the proxy's own answer untouched:
+
+- the request is a ``POST`` to one of this service's scoring routes (:data:`SCORING_ROUTES`);
+- its body was kept whole: at most :data:`PROXY_BUFFER_ENV` bytes (default 1 MiB, never above
+  ``RERANK_MAX_BODY_BYTES`` when that is set in the proxy's environment), while all requests of the
+  proxy together keep at most :data:`PROXY_BUFFER_TOTAL_ENV` bytes (default 64 MiB); past either cap the
+  body streams through unbuffered, so a large or chunked upload is never held before the replica's own
+  API key, back-pressure and ``max_body_bytes`` checks;
+- the try was lost to ``ray.exceptions.ActorDiedError`` (the replica process is gone: not a user
+  exception, not a replica that is unreachable but alive), of a replica of one of this project's
+  applications (:data:`PROXY_APPS_ENV`, default ``rerank``);
+- it is the request's first try (:data:`RETRIES`), and the dead replica has caused fewer than
+  :data:`RETRIES_PER_REPLICA_DEATH` retries (so a request that kills its replica takes at most one more).
+
+Why the try was lost is known only inside Serve's proxy: Ray 2.60 has no hook for it. So the one place
+that touches Ray internals is :func:`install_status_probe`: it wraps
+``ray.serve._private.proxy.get_http_response_status``, which the proxy calls with the exception before
+it answers, to also note that exception for the request being served (in a :class:`LostTry` the
+middleware puts in a context variable). It runs when Serve builds the middleware, inside the proxy
+process; not at import, since ``python -m serve`` imports this module before it sets Serve's env. Where
+that name is missing (another Ray version) it logs one warning and the middleware retries nothing.
 
 Serve loads it through ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve.proxy:proxy_middlewares``,
-which must be in the environment of the processes that start Ray (``python -m serve`` sets it;
-``cluster.yaml`` and the KubeRay manifests do too). This module runs inside the proxy actor: it
-imports nothing of the model.
+which must be in the environment of the processes that start Ray for this app (``python -m serve``,
+``cluster.yaml`` and the RayService pods set it; the image does not, so other apps built on it don't get
+it). This module runs inside the proxy actor: it imports nothing of the model.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,11 +55,67 @@ from serve.schemas import ErrorBody, ErrorResponse
 
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "serve.proxy:proxy_middlewares"
-RETRIES = 2  # tries after the first; each one lands on a live replica once the router knows
+PROXY_BUFFER_ENV = "RERANK_PROXY_BUFFER_BYTES"  # the most one request keeps for a retry
+PROXY_BUFFER_TOTAL_ENV = "RERANK_PROXY_BUFFER_TOTAL_BYTES"  # the most all requests of a proxy keep
+PROXY_APPS_ENV = "RERANK_PROXY_APPS"  # comma-separated Serve app names whose requests may be retried
+MAX_BODY_ENV = "RERANK_MAX_BODY_BYTES"  # the replicas' max_body_bytes; caps the buffer when set here
+DEFAULT_BUFFER_BYTES = 1024 * 1024
+DEFAULT_BUFFER_TOTAL_BYTES = 64 * 1024 * 1024
+DEFAULT_APPS = "rerank"  # the app name in configs/serve.yaml
+SCORING_ROUTES = frozenset({"/v1/rerank", "/v2/rerank", "/rerank", "/score"})  # idempotent POST routes
+RETRIES = 1  # tries after the first; it lands on a live replica once the router knows
+RETRIES_PER_REPLICA_DEATH = 32  # a replica's death makes at most this many retries (per proxy)
+REMEMBERED_DEATHS = 256  # the retry budgets of older deaths are forgotten
 RETRY_AFTER_S = 1  # another replica usually answers at once; a replacement takes ~20 s on a laptop
-MAX_BUFFERED_BODY_BYTES = 32 * 1024 * 1024  # a larger body is not kept for a retry (still a 503)
 LOST_REPLICA_LOG = "request lost its replica"
+PATCHED_MODULE = "ray.serve._private.proxy"
+PATCHED_NAME = "get_http_response_status"
 logger = logging.getLogger("ray.serve")  # into the proxy's log file, beside Serve's own lines
+
+_REPLICA_CLASS = re.compile(r"^\s*class_name: ServeReplica:(?P<app>.+):(?P<deployment>[^:\n]+)$", re.M)
+_PROBE_MARK = "_rerank_status_probe"
+
+
+@dataclass
+class LostTry:
+    """What Serve's proxy reported for one try of a request: the exception it turned into a status."""
+
+    error: BaseException | None = None
+
+
+_CURRENT_TRY: ContextVar[LostTry | None] = ContextVar("rerank_proxy_current_try", default=None)
+
+
+def install_status_probe() -> bool:
+    """Wrap Serve's ``get_http_response_status`` to note each try's exception; ``False`` if it can't.
+
+    The only touch of Ray internals here (Ray 2.60 exposes no hook for why a try was lost); installing
+    twice wraps once.
+    """
+    try:
+        module = importlib.import_module(PATCHED_MODULE)
+        original = getattr(module, PATCHED_NAME)
+    except (ImportError, AttributeError):
+        logger.warning("%s.%s not found (another Ray version?): serve.proxy retries no request",
+                       PATCHED_MODULE, PATCHED_NAME)  # fmt: skip
+        return False
+    if not getattr(original, _PROBE_MARK, False):
+        setattr(module, PATCHED_NAME, _noting(original))
+    return True
+
+
+def _noting(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``original``, which also stores its exception in the current request's :class:`LostTry`."""
+
+    @functools.wraps(original)
+    def get_http_response_status(exc: BaseException, *args: Any, **kwargs: Any) -> Any:
+        lost = _CURRENT_TRY.get()
+        if lost is not None:
+            lost.error = exc
+        return original(exc, *args, **kwargs)
+
+    setattr(get_http_response_status, _PROBE_MARK, True)
+    return get_http_response_status
 
 
 def proxy_middlewares() -> list[Middleware]:
@@ -38,51 +123,220 @@ def proxy_middlewares() -> list[Middleware]:
     return [Middleware(ReplicaLossRetry)]
 
 
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The middleware's settings, read once from the proxy process's environment."""
+
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES
+    total_buffer_bytes: int = DEFAULT_BUFFER_TOTAL_BYTES
+    apps: frozenset[str] = frozenset({DEFAULT_APPS})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> ProxyConfig:
+        """The settings from ``environ``; the per-request cap never above ``RERANK_MAX_BODY_BYTES``."""
+        buffer_bytes = _env_bytes(environ, PROXY_BUFFER_ENV, DEFAULT_BUFFER_BYTES)
+        buffer_bytes = min(buffer_bytes, _env_bytes(environ, MAX_BODY_ENV, buffer_bytes))
+        apps = environ.get(PROXY_APPS_ENV, DEFAULT_APPS).split(",")
+        return cls(
+            buffer_bytes=buffer_bytes,
+            total_buffer_bytes=_env_bytes(environ, PROXY_BUFFER_TOTAL_ENV, DEFAULT_BUFFER_TOTAL_BYTES),
+            apps=frozenset(app.strip() for app in apps if app.strip()),
+        )
+
+
+def _env_bytes(environ: Mapping[str, str], name: str, default: int) -> int:
+    value = environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise ValueError(f"{name}={value!r}: expected a whole number of bytes")
+    return int(value)
+
+
+class BufferPool:
+    """The bytes all requests of one proxy keep for a retry, bounded by ``total``."""
+
+    def __init__(self, total: int) -> None:
+        """A pool of ``total`` bytes, none taken."""
+        self.total, self.used = total, 0
+
+    def reserve(self, size: int) -> bool:
+        """Take ``size`` bytes if they fit."""
+        if self.used + size > self.total:
+            return False
+        self.used += size
+        return True
+
+    def release(self, size: int) -> None:
+        """Give back ``size`` bytes taken before."""
+        self.used -= size
+
+
+class DeathBudgets:
+    """Retries left per dead replica (its actor id); only the latest ``remembered`` deaths are kept."""
+
+    def __init__(
+        self, per_death: int = RETRIES_PER_REPLICA_DEATH, remembered: int = REMEMBERED_DEATHS
+    ) -> None:
+        """Each death allows ``per_death`` retries."""
+        self.per_death, self.remembered = per_death, remembered
+        self._left: OrderedDict[str, int] = OrderedDict()
+
+    def take(self, actor_id: str) -> bool:
+        """Use one retry of this death's budget; ``False`` when it is spent."""
+        left = self._left.pop(actor_id, self.per_death)
+        self._left[actor_id] = max(left - 1, 0)
+        while len(self._left) > self.remembered:
+            self._left.popitem(last=False)
+        return left > 0
+
+
+@dataclass(frozen=True)
+class Loss:
+    """Why a try was lost: ``actor_id`` of the dead replica when a retry may help, else ``None``."""
+
+    reason: str
+    actor_id: str | None = None
+
+
+def classify_loss(error: BaseException | None, apps: frozenset[str]) -> Loss:
+    """Whether ``error`` says a replica of one of ``apps`` is gone (its process died), and why not."""
+    if error is None:
+        return Loss("the proxy noted no exception")
+    if isinstance(error, RayTaskError):  # also one whose cause is an ActorDiedError downstream
+        return Loss(f"a user exception ({type(error).__name__}), not a dead replica")
+    if isinstance(error, ActorUnavailableError):
+        return Loss("the replica is unreachable but may be alive (ActorUnavailableError)")
+    if not isinstance(error, ActorDiedError):
+        return Loss(f"{type(error).__name__}, not a dead replica")
+    match = _REPLICA_CLASS.search(str(error))
+    if match is None or not error.actor_id:
+        return Loss("the dead actor is not a known Serve replica")
+    if match["app"] not in apps:
+        return Loss(f"the dead replica is of app {match['app']!r}, not of {sorted(apps)}")
+    return Loss(f"replica {error.actor_id} of app {match['app']!r} died", error.actor_id)
+
+
+@dataclass
+class _Body:
+    """The request body as read so far: whole (``complete``, replayable), or a head to stream on from."""
+
+    messages: list[Message] = field(default_factory=list)
+    complete: bool = False
+    reserved: int = 0
+    disconnected: bool = False
+
+
 @dataclass
 class _Attempt:
     """What one pass through the proxy app did: started a response, or saw the client leave."""
 
     receive: Receive
-    body: bytes | None
+    pending: list[Message]
     started: bool = False
     disconnected: bool = False
-    _body_sent: bool = field(default=False, repr=False)
 
     async def replay(self) -> Message:
-        """The buffered body first, then the client's own messages (its disconnect)."""
-        if self.body is not None and not self._body_sent:
-            self._body_sent = True
-            return {"type": "http.request", "body": self.body, "more_body": False}
+        """The body's messages read so far first, then the client's own (more body, its disconnect)."""
+        if self.pending:
+            return self.pending.pop(0)
         message = await self.receive()
         self.disconnected = self.disconnected or message["type"] == "http.disconnect"
         return message
 
 
 class ReplicaLossRetry:
-    """Retries a request the proxy left unanswered (its replica died); a 503 once tries run out."""
+    """Retries once a scoring request whose replica died; a 503 when that is lost too or not allowed."""
 
-    def __init__(self, app: ASGIApp, retries: int = RETRIES) -> None:
-        """Wrap the proxy's ASGI ``app``."""
+    def __init__(self, app: ASGIApp, retries: int = RETRIES, config: ProxyConfig | None = None) -> None:
+        """Wrap the proxy's ASGI ``app``; ``config`` defaults to the environment's."""
         self.app, self.retries = app, retries
+        self.config = config or ProxyConfig.from_env()
+        self.pool = BufferPool(self.config.total_buffer_bytes)
+        self.deaths = DeathBudgets()
+        self.probing = install_status_probe()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve one HTTP request; other scopes (websocket, lifespan) pass through."""
-        if scope["type"] != "http":
+        """Serve one HTTP request; any other request or scope passes through untouched."""
+        if not (self.probing and _retryable_route(scope)):
             await self.app(scope, receive, send)
             return
-        body, disconnected = await _read_body(receive, scope)
-        if disconnected:
+        body = _Body()
+        try:
+            await self._read_body(scope, receive, body)
+            if not body.disconnected:
+                await self._serve(scope, receive, send, body)
+        finally:
+            self.pool.release(body.reserved)
+
+    async def _read_body(self, scope: Scope, receive: Receive, body: _Body) -> None:
+        """Keep the body while it fits both caps; the message that does not is the last one read."""
+        cap = self.config.buffer_bytes
+        if _declared_length(scope) > cap:
             return
-        tries = 1 + (self.retries if body is not None else 0)
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                body.disconnected = True
+                return
+            body.messages.append(message)
+            chunk = len(message.get("body", b""))
+            if body.reserved + chunk > cap or not self.pool.reserve(chunk):
+                return
+            body.reserved += chunk
+            if not message.get("more_body", False):
+                whole = b"".join(m.get("body", b"") for m in body.messages)
+                body.messages = [{"type": "http.request", "body": whole, "more_body": False}]
+                body.complete = True
+                return
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, body: _Body) -> None:
+        """Pass the request to the proxy app; again after a lost try when allowed, else a 503 or nothing."""
+        tries = 1 + self.retries
         for number in range(1, tries + 1):
-            attempt = _Attempt(receive, body)
-            await self.app(_fresh(scope), attempt.replay, _watching(attempt, send))
+            attempt = _Attempt(receive, list(body.messages) if body.complete else body.messages)
+            lost = LostTry()
+            token = _CURRENT_TRY.set(lost)
+            try:
+                await self.app(_fresh(scope), attempt.replay, _watching(attempt, send))
+            finally:
+                _CURRENT_TRY.reset(token)
             if attempt.started or attempt.disconnected:
                 return
-            then = "retrying" if number < tries else "answering 503"
-            logger.warning("%s %s %s (try %d of %d); %s", scope["method"], scope["path"], LOST_REPLICA_LOG,
-                           number, tries, then)  # fmt: skip
+            step = self._after_loss(f"{scope['method']} {scope['path']}", lost, body.complete, number, tries)
+            if step == "leave":
+                return  # the proxy's own answer stands
+            if step == "503":
+                break
         await send_replica_lost(send)
+
+    def _after_loss(self, request: str, lost: LostTry, kept: bool, number: int, tries: int) -> str:
+        """What follows try ``number`` that got no response: ``retry``, ``503`` or ``leave``; logged."""
+        loss = classify_loss(lost.error, self.config.apps)
+        if loss.actor_id is None or not kept:
+            why = loss.reason if loss.actor_id is None else "its body streamed past the buffer cap"
+            logger.warning("%s lost its try with no response; not retried: %s", request, why)
+            return "leave"
+        if number == tries:
+            why = f"no retry left after try {number} of {tries} ({loss.reason})"
+        elif not self.deaths.take(loss.actor_id):
+            why = f"{loss.reason}, and its {self.deaths.per_death} retries are spent"
+        else:
+            logger.warning("%s %s (try %d of %d); retrying: %s", request, LOST_REPLICA_LOG, number, tries,
+                           loss.reason)  # fmt: skip
+            return "retry"
+        logger.warning("%s %s; answering 503: %s", request, LOST_REPLICA_LOG, why)
+        return "503"
+
+
+def _retryable_route(scope: Scope) -> bool:
+    """An HTTP ``POST`` to one of the scoring routes: the only requests ever kept and retried."""
+    path = scope.get("path", "")
+    return (
+        scope["type"] == "http"
+        and scope.get("method") == "POST"
+        and any(path.endswith(route) for route in SCORING_ROUTES)
+    )
 
 
 def _fresh(scope: Scope) -> Scope:
@@ -98,20 +352,6 @@ def _watching(attempt: _Attempt, send: Send) -> Send:
     return send_and_note
 
 
-async def _read_body(receive: Receive, scope: Scope) -> tuple[bytes | None, bool]:
-    """The whole request body (``None`` when it is too large to keep), and whether the client left."""
-    if _declared_length(scope) > MAX_BUFFERED_BODY_BYTES:
-        return None, False
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None, True
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks), False
-
-
 def _declared_length(scope: Scope) -> int:
     for name, value in scope.get("headers", []):
         if name.lower() == b"content-length" and value.isdigit():
@@ -120,7 +360,7 @@ def _declared_length(scope: Scope) -> int:
 
 
 async def send_replica_lost(send: Send) -> None:
-    """The designed answer when every try lost its replica: 503, ``Retry-After``, the error shape."""
+    """The designed answer when a retry was lost too or not allowed: 503, ``Retry-After``, the error shape."""
     error = ReplicaLostError("the replica serving this request stopped; retry the request")
     body = ErrorResponse(error=ErrorBody(type=error.error_type, message=str(error)))
     payload = body.model_dump_json().encode()

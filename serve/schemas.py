@@ -281,9 +281,16 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    """``/health`` answer."""
+    """``/health`` answer; ``config_refused`` names each stage whose last ``user_config`` was refused."""
 
     status: Literal["ok"] = "ok"
+    config_refused: Annotated[
+        dict[str, str] | None,
+        Field(
+            exclude_if=lambda value: not value,
+            description="Stages that refused their last user_config (and kept their settings), and why.",
+        ),
+    ] = None
 
 
 class ErrorBody(BaseModel):

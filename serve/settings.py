@@ -6,17 +6,20 @@ import functools
 from typing import Literal, Self
 
 import pydantic
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from reranker.cascade import CascadeSettings, CascadeStage, resolve_stages
 from reranker.settings import ComposedSettings, ModelSettings, SettingsSection
+from serve.proxy import PROXY_APPS_ENV, PROXY_BUFFER_ENV, PROXY_BUFFER_TOTAL_ENV
 
 
 class ServingSettings(SettingsSection):
     """The online service's own settings; the batching ones also change through ``user_config``."""
 
     served_model_name: str | None = Field(None, description="Model name clients send (default: model).")
-    api_key: pydantic.SecretStr | None = Field(None, description="Require 'Authorization: Bearer KEY'.")
+    api_key: pydantic.SecretStr | None = Field(
+        None, description="Require 'Authorization: Bearer KEY' (an empty key is refused at start)."
+    )
     max_documents: int = Field(1000, ge=1, description="Max documents (or pairs) per request.")
     max_document_chars: int = Field(20_000, ge=1, description="Max characters per document/query.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Max request body size.")
@@ -39,6 +42,14 @@ class ServingSettings(SettingsSection):
         "replicas, autoscaling and resources) behind an ingress that calls them by handle.",
     )
 
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, key: pydantic.SecretStr | None) -> pydantic.SecretStr | None:
+        """Fail closed: a secret that resolved empty must not turn authentication off."""
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("is empty: unset it to serve without a key, or give the key")
+        return key
+
 
 class ServeSettings(ComposedSettings):
     """Settings of the online service (``serve/``)."""
@@ -46,6 +57,7 @@ class ServeSettings(ComposedSettings):
     model: ModelSettings
     serving: ServingSettings
     cascade: CascadeSettings
+    other_env = frozenset({PROXY_BUFFER_ENV, PROXY_BUFFER_TOTAL_ENV, PROXY_APPS_ENV})  # serve.proxy's
 
     @model_validator(mode="after")
     def _no_model_activation(self) -> Self:

@@ -1,13 +1,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-# Tests never reach the network: the hub is offline for every test.
+# Tests never reach the network: the hub is offline for every test, and its cache is the session's own
+# (empty, unless a test lays out a hub model there with tests.helpers.fake_hub_cache). Set before Ray
+# starts, so Ray's workers read the same cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="rerank-test-hub-")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 for _name in [name for name in os.environ if name.startswith("RERANK_")]:
     del os.environ[_name]
@@ -56,13 +60,3 @@ def ray_session() -> Iterator[None]:
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
-
-
-@pytest.fixture
-def serve_batch_outside_serve(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let ``serve.batch`` run outside a Serve replica (its only replica-bound step is a warning check)."""
-    from ray.serve import batching
-
-    monkeypatch.setattr(
-        batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None
-    )

@@ -78,12 +78,18 @@ MIN_SCORE_GAP = 1e-3  # 100x the loosest score tolerance the tests use (1e-5)
 
 
 def build_tiny_cross_encoder(
-    directory: Path, num_labels: int = 1, max_position: int = 64, seed: int = 0, layers: int = 1
+    directory: Path,
+    num_labels: int = 1,
+    max_position: int = 64,
+    seed: int = 0,
+    layers: int = 1,
+    logit_offset: float = 0.0,
 ) -> Path:
     """Save a randomly initialised BERT cross-encoder (1 layer by default) and its WordPiece tokenizer.
 
     Its weights are drawn wide enough (``initializer_range`` 0.2) that distinct pairs score far apart
-    (checked here), so a permutation of scores can never pass a test's equality check.
+    (checked here), so a permutation of scores can never pass a test's equality check. ``logit_offset``
+    is added to the head's bias (e.g. -40: logits where a float32 sigmoid is 0).
     """
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -124,6 +130,8 @@ def build_tiny_cross_encoder(
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config).eval()
     _assert_scores_spread(model, tokenizer)
+    with torch.no_grad():
+        model.classifier.bias += logit_offset
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

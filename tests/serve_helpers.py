@@ -13,8 +13,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from serve.api import RerankService, create_api
-from serve.app import batching_config
 from serve.engine import RerankEngine
+from serve.layout import batching_config
 from serve.settings import ServeSettings
 
 T = TypeVar("T")

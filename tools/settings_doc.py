@@ -25,7 +25,9 @@ Generated from the settings models by `python -m tools.settings_doc` (a test fai
 One frozen settings object per program, composed of sections: the model's settings (shared by the job and
 the service), then the program's own. Precedence, highest first: **CLI flags > `RERANK_*` env vars > the
 config file (`--config` / `RERANK_CONFIG`, YAML with the names below) > a Serve config's `args` >
-defaults.** Unknown names are errors. Flags come from pydantic-settings' CLI source: booleans as
+defaults.** Above them all, the service's batching keys take a deployment's `user_config`, key by key
+([serving](serving.md#user_config-batching-without-a-redeploy)). Unknown names are errors; an unknown
+`RERANK_*` variable is a warning naming it. Flags come from pydantic-settings' CLI source: booleans as
 `--x` / `--no-x`, mappings as JSON, `null` for "not set"; `--help` lists them with their defaults. Where
 each program reads them on a cluster: [deployment](deployment.md#where-each-setting-is-read-on-a-cluster).
 """

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.pipeline import ScoreUnits, commit_units, tokenize_units, unit_rows
-from jobs.ranking import POSITION_COLUMN, input_positions, rank_group
+from jobs.ranking import CUT_COLUMN, POSITION_COLUMN, input_positions, rank_group
 from jobs.scoring import encoded_from_table, tokenize_table, valid_text_mask
 from jobs.storage import locate
 from jobs.units import WorkUnit, plan_units, read_unit
@@ -120,10 +120,12 @@ def test_rank_group_orders_ranks_and_cuts():
     ranked = rank_group(group, "score", POSITION_COLUMN, add_rank=True, top_k=None)
     assert ranked.column("score").to_pylist()[:3] == pytest.approx([0.9, 0.5, 0.1])
     assert ranked.column("rank").to_pylist() == [1, 2, 3, None]
-    assert ranked.column_names == ["qid", "score", "rank"]  # the tie-breaker is not an output column
+    assert ranked.column_names == ["qid", "score", "rank", CUT_COLUMN]  # no tie-breaker; the cut count
+    assert ranked.column(CUT_COLUMN).to_pylist() == [0, 0, 0, 0]  # (dropped when the block is committed)
     top = rank_group(group, "score", POSITION_COLUMN, add_rank=False, top_k=2)
     assert top.num_rows == 2 and "rank" not in top.column_names
     assert np.isclose(top.column("score").to_pylist(), [0.9, 0.5]).all()
+    assert top.column(CUT_COLUMN).to_pylist() == [2, 0]  # on the group's first row: what top-k left out
 
 
 def test_rank_group_breaks_ties_by_input_position():

@@ -169,7 +169,8 @@ def test_changed_fields_name_settings_and_input_files():
 
 
 def test_working_directories_are_removed_before_success(tmp_path, monkeypatch):
-    """A crash while writing _SUCCESS leaves no hidden copy of the data (_scored/, _tmp/) behind."""
+    """A crash while writing _SUCCESS leaves no hidden copy of the data (_scored/, _tmp/) behind, only the
+    _WRITTEN summary that tells the rerun to finish the cleanup."""
     from jobs import rescore
 
     for working in ("_scored", "_tmp", "_ranking"):
@@ -184,4 +185,4 @@ def test_working_directories_are_removed_before_success(tmp_path, monkeypatch):
     monkeypatch.setattr(rescore, "write_json", crash)
     with pytest.raises(KeyboardInterrupt):
         rescore.finish(Location(LocalFileSystem(), str(tmp_path)), {}, (0, 0, 0), {}, 0.0)
-    assert sorted(path.name for path in tmp_path.iterdir()) == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == [rescore.WRITTEN_NAME]

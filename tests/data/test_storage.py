@@ -1,8 +1,20 @@
+import errno
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
-from jobs.storage import find_input_files, inspect_input, prepare_output, read_footer, write_empty_output
+from jobs import retries, storage
+from jobs.storage import (
+    StorageUnavailableError,
+    check_output_apart,
+    find_input_files,
+    inspect_input,
+    prepare_output,
+    read_footer,
+    write_empty_output,
+)
 from reranker.errors import InputError, OutputError
 
 pytestmark = pytest.mark.data
@@ -197,3 +209,92 @@ def test_a_storage_outage_is_not_a_bad_file(tmp_path):
         patch.setattr(retries.time, "sleep", lambda seconds: None)
         with pytest.raises(StorageUnavailableError, match="storage unavailable"):
             read_footers(Location(Down(), str(tmp_path)), [str(path)])
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [
+        ("in", "in"),  # rescoring last week's output in place
+        ("in", "in/"),
+        ("in", "."),  # an output one level up holds the input
+        ("in", "in/scored"),  # the input would list the job's own files next time
+        ("in/part-0.parquet", "in"),
+        ("in/part-[01].parquet", "in"),
+        ("in/**", "in/scored"),  # the pattern reaches the job's own files
+        ("in", "link-to-in"),  # the same directory through a symbolic link
+    ],
+)
+def test_an_output_that_overlaps_the_input_is_refused(pairs_dir, source, target):
+    """Equal to, containing or inside the input (after normalising paths and links): one line, nothing
+    written, nothing deleted."""
+    root = pairs_dir.parent
+    (root / "link-to-in").symlink_to(pairs_dir)
+    plan = inspect_input(str(root / source), {}, TEXT, ["score"])
+    with pytest.raises(OutputError, match="input") as caught:
+        check_output_apart(plan, str(root / source), str(root / target), {})
+    assert len(str(caught.value).splitlines()) == 1
+    assert sorted(path.name for path in pairs_dir.iterdir()) == [
+        "_SUCCESS", "part-0.parquet", "part-1.parquet", "part-2.parquet"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("source", "target"), [("in", "out"), ("in/part-*.parquet", "in/scored")])
+def test_an_output_beside_the_input_is_accepted(pairs_dir, source, target):
+    """A sibling directory, or a directory the input's pattern does not reach, is fine."""
+    root = pairs_dir.parent
+    plan = inspect_input(str(root / source), {}, TEXT, ["score"])
+    check_output_apart(plan, str(root / source), str(root / target), {})
+
+
+class FlakyListings(LocalFileSystem):
+    """Local disk whose listing and details calls fail with a dropped connection ``failures`` times each
+    (the calls the driver makes; fsspec's own calls inside them are left alone)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures: dict[str, int] = {}
+        self.limit, self.depth = failures, 0
+
+    def _call(self, name: str, method, *args, **kwargs):
+        if self.depth == 0:
+            self.failures[name] = self.failures.get(name, 0) + 1
+            if self.failures[name] <= self.limit:
+                raise ConnectionResetError(errno.ECONNRESET, f"{name}: connection reset by peer")
+        self.depth += 1
+        try:
+            return method(*args, **kwargs)
+        finally:
+            self.depth -= 1
+
+    def find(self, *args, **kwargs):
+        return self._call("find", super().find, *args, **kwargs)
+
+    def info(self, *args, **kwargs):
+        return self._call("info", super().info, *args, **kwargs)
+
+    def ls(self, *args, **kwargs):
+        return self._call("ls", super().ls, *args, **kwargs)
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+    monkeypatch.setattr(retries.time, "sleep", lambda seconds: None)
+
+
+def test_driver_listings_and_file_details_are_retried(pairs_dir, monkeypatch, no_backoff):
+    """A throttled listing, HEAD or ls among many files is retried on the driver, not a traceback."""
+    flaky = FlakyListings(failures=2)
+    monkeypatch.setattr(storage.fsspec.core, "url_to_fs", lambda uri, **options: (flaky, uri))
+    plan = inspect_input(str(pairs_dir), {}, TEXT, ["score"])
+    assert len(plan.files) == 3 and len(plan.file_versions()) == 3
+    prepare_output(str(pairs_dir.parent / "out"), {}, overwrite=False)
+    assert flaky.failures["find"] == 3 and flaky.failures["info"] >= 3
+
+
+def test_a_listing_that_keeps_failing_is_one_storage_line(pairs_dir, monkeypatch, no_backoff):
+    """What survives the retries is the one-line storage error, naming the location."""
+    flaky = FlakyListings(failures=100)
+    monkeypatch.setattr(storage.fsspec.core, "url_to_fs", lambda uri, **options: (flaky, uri))
+    with pytest.raises(StorageUnavailableError, match=r"listing .*in: storage unavailable after 5 tries"):
+        inspect_input(str(pairs_dir), {}, TEXT, ["score"])
+    assert flaky.failures["find"] == 5

@@ -2,8 +2,13 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+
+from tests.integration.test_fault_tolerance import WORDS
 
 
 def free_port() -> int:
@@ -31,3 +36,23 @@ def s3_server() -> Iterator[dict]:
     client.create_bucket(Bucket="rerank")
     yield {"endpoint_url": endpoint, "key": "test", "secret": "test"}
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Cascade input: 3 files of 444 rows, 37 queries of 36 candidates, passages distinct (no score ties)."""
+    source = tmp_path_factory.mktemp("cascade-in")
+    for index in range(3):
+        pids = range(index * 444, (index + 1) * 444)
+        table = pa.table(
+            {
+                "qid": [pid % 37 for pid in pids],
+                "pid": list(pids),
+                "query": [" ".join(WORDS[(pid % 37 + j) % len(WORDS)] for j in range(3)) for pid in pids],
+                "passage": [
+                    " ".join(WORDS[pid // len(WORDS) ** j % len(WORDS)] for j in range(4)) for pid in pids
+                ],
+            }
+        )
+        pq.write_table(table, source / f"pairs-{index}.parquet", row_group_size=250)
+    return source

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.rescore import main
-from tests.integration.test_fault_tolerance import WORDS, JobProcess, summary_numbers
+from tests.integration.test_fault_tolerance import JobProcess, summary_numbers
 
 pytestmark = pytest.mark.integration
 GROUP_SIZE = 36  # 1,332 rows, qid = pid % 37: 36 rows per query
@@ -34,33 +35,16 @@ def by_query(path: Path) -> pa.Table:
     return table.sort_by([("qid", "ascending"), ("rank", "ascending")])
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 files of 444 rows, 37 queries of 36 candidates, every passage distinct (so no score ties)."""
-    source = tmp_path_factory.mktemp("cascade-in")
-    for index in range(3):
-        pids = range(index * 444, (index + 1) * 444)
-        table = pa.table(
-            {
-                "qid": [pid % 37 for pid in pids],
-                "pid": list(pids),
-                "query": [" ".join(WORDS[(pid % 37 + j) % len(WORDS)] for j in range(3)) for pid in pids],
-                "passage": [
-                    " ".join(WORDS[pid // len(WORDS) ** j % len(WORDS)] for j in range(4)) for pid in pids
-                ],
-            }
-        )
-        pq.write_table(table, source / f"pairs-{index}.parquet", row_group_size=250)
-    return source
-
-
 @pytest.mark.usefixtures("ray_session")
 def test_k_equal_to_the_group_size_is_stage_2_alone(
     tmp_path, pairs, tiny_model_dir, larger_model_dir, capsys
 ):
-    """Every candidate reaches stage 2: final scores and order equal stage 2 run alone, with --rank."""
+    """Every candidate reaches stage 2: final scores and order equal stage 2 run alone, with --rank. The
+    output sits under a partition-like path (dt=.../): its files hold the input's columns and the job's,
+    nothing parsed from the path."""
     flag = cascade(tiny_model_dir, larger_model_dir, GROUP_SIZE)
-    assert run_job("--input", str(pairs), "--output", str(tmp_path / "c"), "--cascade", flag) == 0
+    output = tmp_path / "dt=2025-06-01" / "c"
+    assert run_job("--input", str(pairs), "--output", str(output), "--cascade", flag) == 0
     assert (
         run_job(
             "--input",
@@ -74,8 +58,12 @@ def test_k_equal_to_the_group_size_is_stage_2_alone(
         == 0
     )
     assert "pairs per stage 1332/1332" in capsys.readouterr().out.splitlines()[0]
-    ours, alone = by_query(tmp_path / "c"), by_query(tmp_path / "s2")
+    ours, alone = by_query(output), by_query(tmp_path / "s2")
     assert ours.column_names == [*alone.column_names[:-2], "score_stage1", "score_stage2", "score", "rank"]
+    added = ["score_stage1", "score_stage2", "score", "rank"]
+    columns = [*pq.read_schema(pairs / "pairs-0.parquet").names, *added]
+    files = [path for path in output.iterdir() if not path.name.startswith("_")]
+    assert files and all(pq.read_schema(path).names == columns for path in files)
     assert ours.select(["qid", "pid", "rank"]).equals(alone.select(["qid", "pid", "rank"]))
     np.testing.assert_allclose(ours["score"].to_numpy(), alone["score"].to_numpy(), atol=1e-5)
 
@@ -85,7 +73,8 @@ def test_stage_scores_equal_each_model_alone_and_the_rest_keep_stage_1_order(
     tmp_path, pairs, tiny_model_dir, larger_model_dir
 ):
     """k=5: stage-1 scores equal stage 1 alone, stage-2 scores equal stage 2 alone on the 5 best rows;
-    the rest follow, in stage-1 order, with a null stage-2 score and their stage-1 score as final."""
+    the rest follow, in stage-1 order, with a null stage-2 score and, as final score, their stage-1 score,
+    shifted by one amount per query only as far as needed to stay below the stage-2 rows."""
     k = 5
     flag = cascade(tiny_model_dir, larger_model_dir, k)
     assert run_job("--input", str(pairs), "--output", str(tmp_path / "c"), "--cascade", flag) == 0
@@ -109,8 +98,14 @@ def test_stage_scores_equal_each_model_alone_and_the_rest_keep_stage_1_order(
             assert row["score_stage2"] == pytest.approx(second_scores[qid, row["pid"]], abs=1e-5)
             assert row["score"] == row["score_stage2"]
         assert [row["pid"] for row in rest] == stage1_order[k:]  # below, in stage-1 order
-        assert all(row["score_stage2"] is None and row["score"] == row["score_stage1"] for row in rest)
+        assert all(row["score_stage2"] is None for row in rest)
+        shifts = {round(row["score_stage1"] - row["score"], 4) for row in rest}
+        assert len(shifts) == 1 and shifts.pop() >= 0 and rest[0]["score"] < top[-1]["score"]
+        if rest[0]["score_stage1"] < top[-1]["score"]:  # already below: not moved
+            assert all(row["score"] == row["score_stage1"] for row in rest)
         assert [row["rank"] for row in group] == list(range(1, len(group) + 1))
+        scores = [row["score"] for row in group]  # the reported score follows the rank
+        assert all(a >= b for a, b in itertools.pairwise(scores))
 
 
 def test_a_bad_cascade_is_one_line(tmp_path, pairs, tiny_model_dir, larger_model_dir, capsys, caplog):
@@ -162,7 +157,7 @@ def test_sigkill_during_stage_2_then_rerun_does_not_redo_stage_1(
     first.kill_group()
     units = int(re.search(r"(\d+) units, 0 already committed", first.log.read_text()).group(1))  # type: ignore[union-attr]
     stage2_done = len(list((output / "_scored2").glob("part-*.parquet")))
-    stage2_units = len([path for path in (output / "_select2").iterdir() if not path.name.startswith("_")])
+    stage2_units = int(re.search(r"stage 2: (\d+) units", first.log.read_text()).group(1))  # type: ignore[union-attr]
     assert len(list((output / "_scored").glob("part-*.parquet"))) == units
     assert (output / "_select2" / "_DONE").exists() and stage2_done < stage2_units, "the kill came too late"
     text = JobProcess(args, tmp_path / "second.log").finish()

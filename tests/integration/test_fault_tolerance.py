@@ -141,6 +141,14 @@ def uninterrupted(tmp_path: Path, model_dir: Path, source: Path) -> pa.Table:
     return pq.read_table(tmp_path / "reference")
 
 
+@pytest.fixture(scope="module")
+def default_input(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, ray_session: None):
+    """The default input (``write_input``) and its uninterrupted output, made once for the module."""
+    directory = tmp_path_factory.mktemp("default-input")
+    table = write_input(directory / "in")
+    return directory / "in", table, uninterrupted(directory, tiny_model_dir, directory / "in")
+
+
 def committed_local(output: Path) -> dict[str, tuple[int, int]]:
     return {
         path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in output.glob("part-*.parquet")
@@ -148,11 +156,10 @@ def committed_local(output: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_sigkill_part_way_then_rerun_finishes_exactly_once(tmp_path, tiny_model_dir):
+def test_sigkill_part_way_then_rerun_finishes_exactly_once(tmp_path, tiny_model_dir, default_input):
     """Kill the job's process group part-way; the same command finishes only what was left."""
-    write_input(tmp_path / "in")
-    expected = uninterrupted(tmp_path, tiny_model_dir, tmp_path / "in")
-    args = job_args(tiny_model_dir, str(tmp_path / "in"), str(tmp_path / "out"))
+    source, _, expected = default_input
+    args = job_args(tiny_model_dir, str(source), str(tmp_path / "out"))
     first = JobProcess(args, tmp_path / "first.log")
     first.wait_until(lambda: len(committed_local(tmp_path / "out")) >= 3)
     first.kill_group()
@@ -169,14 +176,13 @@ def test_sigkill_part_way_then_rerun_finishes_exactly_once(tmp_path, tiny_model_
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_sigkill_part_way_then_rerun_on_s3(tmp_path, tiny_model_dir, s3_server):
+def test_sigkill_part_way_then_rerun_on_s3(tmp_path, tiny_model_dir, s3_server, default_input):
     """The same on s3:// (moto): units committed before the kill keep their objects."""
     import s3fs
 
     fs = s3fs.S3FileSystem(**s3_server)
-    table = write_input(tmp_path / "in")
-    fs.put(str(tmp_path / "in") + "/", "rerank/resume-in/", recursive=True)
-    expected = uninterrupted(tmp_path, tiny_model_dir, tmp_path / "in")
+    source, table, expected = default_input
+    fs.put(str(source) + "/", "rerank/resume-in/", recursive=True)
     options = ["--storage-options", json.dumps(s3_server)]
     args = job_args(tiny_model_dir, "s3://rerank/resume-in/", "s3://rerank/resume-out/", *options)
 

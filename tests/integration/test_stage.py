@@ -13,7 +13,7 @@ from jobs import stage
 from jobs.rescore import main
 from reranker.errors import InputError
 from reranker.model import CrossEncoderModel
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, fake_hub_cache
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
 
@@ -123,3 +123,22 @@ def test_a_missing_column_is_one_line_on_the_driver(tiny_model_dir):
     dataset = ray.data.from_items([{"query": "q", "text": "p"}]).materialize()
     with pytest.raises(InputError, match="column 'passage' not found"):
         stage.add_scores(dataset, str(tiny_model_dir))
+
+
+def test_a_hub_model_is_pinned_on_the_driver_so_every_worker_loads_one_commit(
+    tiny_model_dir, larger_model_dir, tiny_model
+):
+    """add_scores resolves main on the driver: when main moves to other weights before the pipeline runs,
+    every task and actor still loads the commit the driver saw (no mix of versions in one dataset)."""
+    import os
+    import uuid
+    from pathlib import Path
+
+    cache, repo_id = Path(os.environ["HF_HUB_CACHE"]), f"acme/pinned-{uuid.uuid4().hex[:8]}"
+    fake_hub_cache(cache, repo_id, tiny_model_dir, "a" * 40)
+    rows = [row for row in ROWS if row["passage"] and row["query"].strip()]
+    scored = stage.add_scores(ray.data.from_items(rows), repo_id)  # lazy: nothing has run yet
+    fake_hub_cache(cache, repo_id, larger_model_dir, "b" * 40)  # main moves to other weights
+    table = pa.Table.from_pylist(scored.take_all()).sort_by([("qid", "ascending"), ("passage", "ascending")])
+    expected = tiny_model.score(table["query"].to_pylist(), table["passage"].to_pylist()).scores
+    np.testing.assert_allclose(table["score"].to_numpy(), expected, atol=1e-6)

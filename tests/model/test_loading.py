@@ -86,7 +86,7 @@ def test_an_unpinned_hub_model_resolves_to_the_commit_main_points_at(tmp_path, m
 
 def test_the_job_pins_its_workers_to_the_commit_the_driver_resolved():
     """Workers load the hub commit the driver resolved (main may move mid-job); a directory as given."""
-    from jobs.manifest import pinned_model
+    from reranker.loading import pinned_model
 
     hub = pinned_model(ModelSettings(model="acme/tiny-reranker"), f"hub:{COMMIT_A}")
     assert (hub.model, hub.revision) == ("acme/tiny-reranker", COMMIT_A)

@@ -9,7 +9,7 @@ import pytest
 from reranker.model import sigmoid
 from tests.serve_helpers import in_app_loop, serving
 
-pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("serve_batch_outside_serve")]
+pytestmark = pytest.mark.unit
 
 QUERY = "how do solar panels work"
 DOCS = ["solar panels convert sunlight", "bananas are yellow", "the sun makes energy", "python language"]
@@ -216,14 +216,14 @@ def test_overload_answers_503_with_retry_after(tiny_model, monkeypatch):
     """Past the replica's queue bound a request gets 503 + Retry-After at once; the server recovers."""
     with serving(tiny_model, max_pending_pairs=10, retry_after_s=3) as app:
         engine = app.app.state.service.engine
-        original = engine._score_chunks
+        original = engine.queue.submit
         release = asyncio.Event()
 
         async def held(chunk):
             await release.wait()
             return await original(chunk)
 
-        monkeypatch.setattr(engine, "_score_chunks", held)
+        monkeypatch.setattr(engine.queue, "submit", held)
 
         async def scenario(client):
             blocker = asyncio.create_task(engine.score(["q"] * 10, ["p"] * 10))

@@ -6,7 +6,7 @@ import pytest
 from reranker.model import sigmoid
 from tests.serve_helpers import serving
 
-pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("serve_batch_outside_serve")]
+pytestmark = pytest.mark.unit
 
 QUERY = "how do solar panels work"
 DOCS = [
@@ -40,7 +40,8 @@ def test_k_equal_to_the_documents_is_stage_2_alone(tiny_model, larger_model, pat
 
 def test_the_best_k_go_to_stage_2_and_the_rest_keep_stage_1_order(tiny_model, larger_model):
     """k=2: stage 1's best two, ordered by stage 2, rank above the rest, which follow in stage-1 order;
-    each stage's score is returned on request (null where a document did not reach stage 2)."""
+    each stage's score is returned on request (null where a document did not reach stage 2). The rest
+    report their stage-1 score, unless it would rank above a stage-2 score (then it is shifted below)."""
     first = tiny_model.score([QUERY] * len(DOCS), DOCS).scores
     second = larger_model.score([QUERY] * len(DOCS), DOCS).scores
     best_two = sorted(np.argsort(-first, kind="stable")[:2], key=lambda i: -second[i])
@@ -56,7 +57,11 @@ def test_the_best_k_go_to_stage_2_and_the_rest_keep_stage_1_order(tiny_model, la
             assert stages["stage2"] == pytest.approx(float(sigmoid(second[i])), abs=1e-5)
             assert result["relevance_score"] == stages["stage2"]
         else:
-            assert stages["stage2"] is None and result["relevance_score"] == stages["stage1"]
+            assert stages["stage2"] is None
+            if float(sigmoid(first[i])) < results[1]["relevance_score"]:
+                assert result["relevance_score"] == stages["stage1"]
+    relevance = [r["relevance_score"] for r in results]
+    assert relevance == sorted(relevance, reverse=True)
     assert all("stage_scores" not in result for result in plain)  # the Cohere shape is unchanged by default
 
 
@@ -119,3 +124,94 @@ def test_a_stage_deployment_that_is_overloaded_is_a_503_not_a_500():
         with pytest.raises(OverloadedError, match=words) as raised:
             asyncio.run(RemoteStage(FailingHandle(error), 512).score(["q"], ["p"]))
         assert "Traceback" not in str(raised.value)
+
+
+@pytest.fixture(scope="module")
+def low_scoring_model(tmp_path_factory):
+    """A tiny cross-encoder whose logits sit near -10: below every score of the other tiny model."""
+    from reranker.model import CrossEncoderModel
+    from tests.helpers import build_tiny_cross_encoder
+
+    return CrossEncoderModel(
+        str(build_tiny_cross_encoder(tmp_path_factory.mktemp("low"), logit_offset=-10.0))
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "score"),
+    [
+        ("/v1/rerank", {"documents": DOCS}, "relevance_score"),
+        ("/v2/rerank", {"documents": DOCS}, "relevance_score"),
+        ("/rerank", {"documents": DOCS}, "relevance_score"),
+        ("/rerank", {"texts": DOCS}, "score"),
+        ("/rerank", {"texts": DOCS, "raw_scores": True}, "score"),
+    ],
+)
+def test_reported_scores_follow_the_order_on_every_route(tiny_model, low_scoring_model, path, body, score):
+    """Stage 2 scores lower than stage 1 ever does: the documents that stopped at stage 1 would report
+    higher scores than the ones ranked above them. On every route the scores never increase down the
+    order, the stage-2 scores are reported as they are, and stage_scores keeps the raw per-stage values."""
+    first = tiny_model.score([QUERY] * len(DOCS), DOCS).scores
+    second = low_scoring_model.score([QUERY] * len(DOCS), DOCS).scores
+    assert first.min() > second.max()  # the inversion this test is about
+    with serving([tiny_model, low_scoring_model], rerank_count=2) as client:
+        payload = rerank(client, {**body, "return_stage_scores": True}, path)
+    results = payload["results"] if isinstance(payload, dict) else payload
+    reported = [r[score] for r in results]
+    assert reported == sorted(reported, reverse=True) and len(set(reported)) == len(reported)
+    raw = body.get("raw_scores", False)
+    for result in results[:2]:
+        expected = second[result["index"]] if raw else sigmoid(second[result["index"]])
+        assert result[score] == pytest.approx(float(expected), abs=1e-6)
+    for result in results[2:]:
+        expected = first[result["index"]] if raw else sigmoid(first[result["index"]])
+        assert result["stage_scores"]["stage1"] == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_truncation_is_counted_once_per_document(tiny_model, larger_model):
+    """Ten documents, five longer than both models' limit, through two stages: 5 truncated, not 5 + k;
+    TEI's truncate=false refusal counts the same way."""
+    documents = ["solar " * 200 if i % 2 else "solar panels" for i in range(10)]
+    with serving([tiny_model, larger_model], rerank_count=5) as client:
+        meta = rerank(client, {"documents": documents})["meta"]
+        refused = client.post("/rerank", json={"query": QUERY, "texts": documents, "truncate": False})
+    assert meta["truncated_documents"] == 5
+    assert refused.status_code == 413 and refused.json()["error"]["message"].startswith("texts: 5 inputs")
+
+
+class DyingHandle:
+    """A deployment handle whose ``score`` replica dies ``deaths`` times, then answers with ``scored``."""
+
+    def __init__(self, deaths: int, scored) -> None:
+        self.deaths, self.scored, self.calls = deaths, scored, 0
+        self.score = self
+
+    def remote(self, *args):
+        from ray.exceptions import ActorDiedError
+
+        self.calls += 1
+
+        async def answer():
+            if self.calls <= self.deaths:
+                raise ActorDiedError()
+            return self.scored
+
+        return answer()
+
+
+def test_a_stage_replica_that_dies_is_retried_once_then_a_503():
+    """A stage call lost to a dead replica is sent again once (scoring is idempotent); lost twice, it is
+    the designed 503 replica_unavailable, never a 500."""
+    import asyncio
+
+    from serve.cascade import RemoteStage
+    from serve.engine import Scored
+    from serve.errors import ReplicaLostError
+
+    scored = Scored(np.array([1.0], np.float32), 3, np.array([False]))
+    once = DyingHandle(1, scored)
+    assert asyncio.run(RemoteStage(once, 512).score(["q"], ["p"])) is scored and once.calls == 2
+    twice = DyingHandle(2, scored)
+    with pytest.raises(ReplicaLostError, match="stopped; retry the request"):
+        asyncio.run(RemoteStage(twice, 512, "stage2").score(["q"], ["p"]))
+    assert twice.calls == 2

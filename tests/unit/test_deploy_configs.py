@@ -11,6 +11,7 @@ import yaml
 
 from jobs.rescore import parse_args
 from jobs.settings import RescoreSettings
+from reranker.errors import ConfigError
 from tests.helpers import REPO_ROOT, SHARED, require
 
 pytestmark = pytest.mark.unit
@@ -100,6 +101,18 @@ def test_rayservice_embeds_serve_yaml_and_serve_accepts_it():
     ServeDeploySchema.model_validate(embedded)
 
 
+def test_the_shipped_serve_config_passes_the_service_check():
+    """Its args and every user_config are what the replicas accept (a refused user_config would leave the
+    replicas on their settings, reported on /health): `python -m serve check` says ok."""
+    from serve.config_check import check_application, check_config_file
+
+    check_config_file(REPO_ROOT / "configs" / "serve.yaml")
+    for application in load_yaml("configs/serve.yaml")["applications"]:
+        bad = {**application, "deployments": [{"name": "Reranker", "user_config": {"max_batch": 8}}]}
+        with pytest.raises(ConfigError, match="deployment 'Reranker': user_config: max_batch"):
+            check_application(bad)
+
+
 def test_rayjob_runs_the_rescoring_job_with_its_config():
     """The RayJob runs jobs.rescore with configs/rescore.yaml, its flags parse, its runtime env is valid."""
     from ray.runtime_env import RuntimeEnv
@@ -124,8 +137,9 @@ def started_ray_env(command: str) -> dict[str, str]:
 
 
 def test_every_way_to_start_ray_for_serve_loads_the_proxy_middleware():
-    """The launcher, cluster.yaml's head and workers, the RayService pods and the image all set the
-    proxy callback before Ray starts (Serve reads it only then), and Serve can import what it names."""
+    """The launcher, cluster.yaml's head and workers and the RayService pods set the proxy callback before
+    Ray starts (Serve reads it only then), and Serve can import what it names; the image does not bake it
+    into the environment of every app built from it."""
     from ray.serve._private.utils import call_function_from_import_path
 
     from serve.__main__ import SHIPPED_RAY_SERVE_ENV
@@ -141,5 +155,5 @@ def test_every_way_to_start_ray_for_serve_loads_the_proxy_middleware():
     for group in groups:
         env = {item["name"]: item.get("value") for item in group["template"]["spec"]["containers"][0]["env"]}
         assert env[PROXY_CALLBACK_ENV] == PROXY_CALLBACK
-    assert f"ENV {PROXY_CALLBACK_ENV}={PROXY_CALLBACK}" in (REPO_ROOT / "Dockerfile").read_text()
+    assert f"ENV {PROXY_CALLBACK_ENV}" not in (REPO_ROOT / "Dockerfile").read_text()
     assert [m.cls for m in call_function_from_import_path(PROXY_CALLBACK)] == [ReplicaLossRetry]

@@ -1,6 +1,7 @@
 """The engine's batching and the deployment's run-time configuration, without a running Serve."""
 
 import asyncio
+import json
 import threading
 from types import SimpleNamespace
 
@@ -12,10 +13,11 @@ from reranker.errors import ConfigError
 from reranker.model import CrossEncoderModel
 from serve import app as serve_app
 from serve.engine import BatchingConfig, RerankEngine, Truncation
+from serve.layout import app_shape, base_batching
 from serve.settings import ServeSettings
 from tests.serve_helpers import InstrumentedModel, RecordingMetrics
 
-pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("serve_batch_outside_serve")]
+pytestmark = pytest.mark.unit
 CONFIG = BatchingConfig(max_batch_pairs=64, batch_wait_timeout_s=0.05, max_pending_pairs=1000)
 
 
@@ -55,7 +57,9 @@ def test_batching_config_rejects_unknown_keys_and_bad_values():
 
 
 def test_reconfigure_reaches_the_engine_and_the_model_batches(tiny_model):
-    """Reranker.reconfigure applies user_config to the running engine (and its model batch cap)."""
+    """Reranker.reconfigure applies user_config to the running engine (and its model batch cap); a bad
+    one is refused without raising (Serve would stop the replica): the settings in force stay, and the
+    refusal is kept for /health and counted."""
     reconfigure = serve_app.Reranker.func_or_class.reconfigure
     metrics = RecordingMetrics()
     settings = ServeSettings.load(model=tiny_model.name)
@@ -68,11 +72,49 @@ def test_reconfigure_reaches_the_engine_and_the_model_batches(tiny_model):
         assert (engine.batching.max_batch_pairs, engine.batching.max_pending_pairs) == (3, 50)
         await engine.score(["q"] * 7, ["solar"] * 7)
         assert max(metrics.batch_pairs.values) <= 3
-        with pytest.raises(ConfigError, match="unknown_knob"):
-            await reconfigure(replica, {"unknown_knob": 1})
+        await reconfigure(replica, {"unknown_knob": 1})
         assert engine.batching.max_batch_pairs == 3  # a refused config changes nothing
+        assert "unknown_knob" in (await replica.service.ranker.refused_configs())["stage1"]
+        assert metrics.config_refused.values == [1]
+        await reconfigure(replica, {"max_pending_pairs": 60})  # a key left out: back to its setting
+        assert (engine.batching.max_batch_pairs, engine.batching.max_pending_pairs) == (1024, 60)
+        assert await replica.service.ranker.refused_configs() == {}
 
     asyncio.run(scenario())
+
+
+def test_user_config_keys_apply_per_stage_over_the_settings(tiny_model, larger_model):
+    """A top-level key applies to every stage but one that declares that key itself; a stages entry
+    applies to its stage alone; keys left out keep each stage's settings (env, args)."""
+    settings = ServeSettings.load(
+        model=tiny_model.name,
+        max_batch_pairs=64,
+        batch_wait_timeout_s=0.02,
+        cascade=[
+            {"model": tiny_model.name, "rerank_count": 2},
+            {"model": larger_model.name, "max_batch_pairs": 16},
+        ],
+    )
+    engines = [
+        RerankEngine(model, base_batching(settings, number), stage=name)  # type: ignore[arg-type]
+        for number, (model, name) in enumerate([(tiny_model, "stage1"), (larger_model, "stage2")])
+    ]
+    names = ["stage1", "stage2"]
+    serve_app.apply_user_config(engines, {"max_batch_pairs": 256}, names, settings)
+    assert [e.batching.max_batch_pairs for e in engines] == [256, 16]  # stage 2 declared its own
+    assert [e.batching.batch_wait_timeout_s for e in engines] == [0.02, 0.02]  # from the settings
+    user_config = {
+        "max_batch_pairs": 256,
+        "stages": {"stage2": {"max_batch_pairs": 8, "max_pending_pairs": 99}},
+    }
+    serve_app.apply_user_config(engines, user_config, names, settings)
+    assert [(e.batching.max_batch_pairs, e.batching.max_pending_pairs) for e in engines] == [
+        (256, 8192),
+        (8, 99),
+    ]
+    serve_app.apply_user_config(engines, {"stages": {"stage3": {"max_batch_pairs": 1}}}, names, settings)
+    assert all("stage3" in (e.config_refused or "") for e in engines)
+    assert [e.batching.max_batch_pairs for e in engines] == [256, 8]  # refused: nothing changed
 
 
 def test_lowering_the_cap_while_requests_are_queued_fails_none(tiny_model):
@@ -80,7 +122,11 @@ def test_lowering_the_cap_while_requests_are_queued_fails_none(tiny_model):
     release = threading.Event()
     held = InstrumentedModel(tiny_model, hook=lambda queries, passages: release.wait(10))
     engine = RerankEngine(held, CONFIG.updated({"max_batch_pairs": 8}))  # type: ignore[arg-type]
-    replica = SimpleNamespace(service=SimpleNamespace(engine=engine, stages=[engine]))
+    replica = SimpleNamespace(
+        service=SimpleNamespace(
+            engine=engine, stages=[engine], settings=ServeSettings.load(model=tiny_model.name)
+        )
+    )
     requests = [[f"passage {i} {word}" for word in ("solar", "sun", "wind", "moon") * 2] for i in range(6)]
 
     async def scenario() -> list:
@@ -95,7 +141,7 @@ def test_lowering_the_cap_while_requests_are_queued_fails_none(tiny_model):
     assert not [r for r in results if isinstance(r, BaseException)], results
     for passages, result in zip(requests, results, strict=True):
         np.testing.assert_allclose(result.scores, tiny_model.score(["query"] * 8, passages).scores, atol=1e-5)
-    assert replica.service.engine._queue_limit == 2  # back to the new cap once the old chunks drained
+    assert replica.service.engine.queue.max_pairs == 2  # the old 8-pair chunks ran as batches of their own
     assert max(n for method, n in held.calls[1:] if method == "tokenize") <= 8
 
 
@@ -182,10 +228,11 @@ def test_a_failed_probe_is_reported_until_the_model_scores_again(tiny_model):
 def test_build_app_checks_args_and_leaves_resolution_to_the_replica(monkeypatch, tiny_model_dir):
     """build_app passes the args on unresolved (the replica reads its own env); bad ones fail at once."""
     bound = []
-    monkeypatch.setattr(serve_app, "Reranker", type("Stub", (), {"bind": staticmethod(bound.append)}))
+    stub = type("Stub", (), {"bind": staticmethod(lambda *args: bound.append(args))})
+    monkeypatch.setattr(serve_app, "Reranker", stub)
     args = {"model": str(tiny_model_dir), "max_documents": 3}
     serve_app.build_app(args)
-    assert bound == [args]
+    assert bound == [(args, (), {"layout": "one_replica", "stages": []})]
     with pytest.raises(ConfigError, match="max_docs"):
         serve_app.build_app({"max_docs": 3})
 
@@ -199,3 +246,61 @@ def test_the_replica_resolves_settings_from_its_own_env(monkeypatch, tiny_model_
     )
     serving = service.settings.serving
     assert serving.max_documents == 7 and serving.api_key.get_secret_value() == "replica-only"
+
+
+def test_the_queue_is_first_in_first_out_under_mixed_sizes(tiny_model):
+    """With the model busy, a full-size chunk queued behind a small one is never passed over by later small
+    ones: batches follow arrival order (Serve's serve.batch sends a chunk that doesn't fit to the back)."""
+    release = threading.Event()
+    held = InstrumentedModel(tiny_model, hook=lambda queries, passages: release.wait(10))
+    engine = RerankEngine(held, CONFIG.updated({"max_batch_pairs": 8, "batch_wait_timeout_s": 0.0}))  # type: ignore[arg-type]
+    sizes = [1, 2, 8, 1, 1, 1, 8, 2]
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(engine.score(["hold"], ["the model"]))
+        await asyncio.sleep(0.1)  # the model thread is held; the rest queue in this order
+        rest = []
+        for number, size in enumerate(sizes):
+            rest.append(asyncio.ensure_future(engine.score([f"q{number}"] * size, ["solar"] * size)))
+            await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.gather(first, *rest)
+
+    asyncio.run(scenario())
+    batches = [n for method, n in held.calls if method == "tokenize"][1:]
+    assert batches == [3, 8, 3, 8, 2]  # 1+2 | 8 | 1+1+1 | 8 | 2: arrival order, never reordered
+
+
+def test_a_document_truncated_by_several_stages_counts_once(tiny_model, larger_model):
+    """Ten documents, five too long: a two-stage cascade that cuts them in both stages reports 5, not 10."""
+    from serve.cascade import CascadeRanker
+
+    engines = [RerankEngine(model, CONFIG) for model in (tiny_model, larger_model)]  # type: ignore[arg-type]
+    documents = ["solar " * 200 if i % 2 else "solar panels" for i in range(10)]
+    ranker = CascadeRanker(engines, [10], ["stage1", "stage2"])
+    ranked = asyncio.run(ranker.rank("how do solar panels work", documents))
+    assert ranked.num_truncated == 5
+    assert ranked.truncated.tolist() == [bool(i % 2) for i in range(10)]
+
+
+def test_a_replica_whose_settings_make_another_app_refuses_to_start(
+    tiny_model_dir, larger_model_dir, monkeypatch
+):
+    """The build saw no cascade (one replica); a replica whose env adds a per-stage cascade refuses to start
+    with one line, instead of silently running the stages in the wrong place."""
+    args = {"model": str(tiny_model_dir)}
+    built = app_shape(ServeSettings.load(file_values=args))
+    cascade = [{"model": str(tiny_model_dir), "rerank_count": 2}, {"model": str(larger_model_dir), "gpus": 1}]
+    monkeypatch.setenv("RERANK_CASCADE", json.dumps(cascade))
+    monkeypatch.setenv("RERANK_CASCADE_LAYOUT", "deployment_per_stage")
+    with pytest.raises(ConfigError, match="where the app is built") as caught:
+        serve_app.replica_service(args, None, (), built)
+    assert "\n" not in str(caught.value)
+
+
+def test_stage_resources_ignored_in_one_replica_are_warned_about(tiny_model_dir, larger_model_dir, caplog):
+    """cpus/gpus on a stage do nothing when every stage runs in one replica: build_app says so."""
+    cascade = [{"model": str(tiny_model_dir), "rerank_count": 2}, {"model": str(larger_model_dir), "gpus": 1}]
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        serve_app.build_app({"cascade": cascade})
+    assert "cpus/gpus of stage(s) stage2 are ignored in cascade_layout one_replica" in caplog.text

@@ -16,8 +16,14 @@ pytestmark = pytest.mark.unit
 def calls(monkeypatch):
     """Record what the launcher would start, instead of starting Ray and Serve."""
     seen: dict[str, object] = {}
+
+    def start_local_ray(runtime_env=None):
+        seen.setdefault("env_at_start", dict(os.environ))
+        seen.setdefault("runtime_env", runtime_env)
+
+    monkeypatch.setattr(launcher, "start_local_ray", start_local_ray)
     monkeypatch.setattr(
-        launcher, "start_local_ray", lambda: seen.setdefault("env_at_start", dict(os.environ))
+        launcher, "start_serve_on_this_machine", lambda http, location: seen.setdefault("http", http)
     )
     monkeypatch.setattr(scripts.run, "main", lambda args, prog_name: seen.setdefault("serve_run", args))
     monkeypatch.setattr(
@@ -59,3 +65,33 @@ def test_no_arguments_run_the_shipped_config(calls):
     """`python -m serve` alone runs configs/serve.yaml."""
     launcher.main([])
     assert calls["serve_run"] == ["configs/serve.yaml"]
+
+
+def test_runtime_env_options_reach_the_local_ray(calls, tmp_path):
+    """--runtime-env-json and --working-dir (parsed as serve run parses them) become the local Ray's
+    runtime env, so an API key passed that way reaches the replicas."""
+    launcher.main(
+        ["configs/serve.yaml", "--runtime-env-json", '{"env_vars": {"RERANK_API_KEY": "k"}}',
+         "--working-dir", str(tmp_path)]
+    )  # fmt: skip
+    assert calls["runtime_env"] == {"env_vars": {"RERANK_API_KEY": "k"}, "working_dir": str(tmp_path)}
+
+
+def test_a_laptop_run_of_the_shipped_config_listens_on_this_machine_only(calls):
+    """The shipped config says host 0.0.0.0 (for clusters); python -m serve binds 127.0.0.1, same port."""
+    launcher.main(["configs/serve.yaml"])
+    assert calls["http"] == {"host": "127.0.0.1", "port": 8000}
+
+
+def test_a_bad_user_config_is_one_line_before_anything_starts(calls, tmp_path, capsys):
+    """A config whose user_config would be refused by every replica fails the launch: one line, exit 2."""
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "applications:\n  - name: rerank\n    import_path: serve.app:build_app\n    args: {model: m}\n"
+        "    deployments:\n      - name: Reranker\n        user_config: {max_batch_pairs: 0}\n"
+    )
+    with pytest.raises(SystemExit) as exited:
+        launcher.main([str(config)])
+    assert exited.value.code == 2 and "env_at_start" not in calls
+    error = capsys.readouterr().err.strip()
+    assert "deployment 'Reranker': user_config: max_batch_pairs" in error and "\n" not in error

@@ -139,3 +139,28 @@ def test_help_lists_every_setting_with_its_env_variable(capsys):
         for name in section.model_fields:
             assert f"--{name.replace('_', '-')}" in shown and f"RERANK_{name.upper()}" in shown
     assert "--config FILE" in shown
+
+
+@pytest.mark.parametrize("key", ["", "   "])
+def test_an_empty_api_key_is_a_start_up_error(monkeypatch, key):
+    """A secret that resolved empty fails closed: the service does not start without auth by surprise."""
+    monkeypatch.setenv("RERANK_API_KEY", key)
+    with pytest.raises(ConfigError, match=r"api_key: .*is empty"):
+        ServeSettings.load()
+
+
+def test_an_unknown_rerank_variable_is_warned_about_once(monkeypatch, caplog):
+    """A typo such as RERANK_APIKEY is named, with the setting it resembles, once per process."""
+    from reranker import settings as core
+
+    monkeypatch.setattr(core, "_warned_env", set())
+    monkeypatch.setenv("RERANK_APIKEY", "sekret")
+    monkeypatch.setenv("RERANK_PROXY_APPS", "rerank")  # the proxy's own: known to the service
+    monkeypatch.setenv("RERANK_EVAL_QRELS", "q.txt")  # the evaluation job's prefix
+    with caplog.at_level("WARNING", logger="reranker.settings"):
+        ServeSettings.load()
+        ServeSettings.load()
+    warnings = [record.getMessage() for record in caplog.records]
+    assert warnings == [
+        "RERANK_APIKEY is not a setting of ServeSettings and is ignored; did you mean RERANK_API_KEY?"
+    ]
