@@ -181,8 +181,11 @@ def select_candidates(
         batch_format="pyarrow",
         num_cpus=job.io_cpus,
     )
-    marked.write_parquet(
-        destination.path, filesystem=destination.arrow_filesystem(), ray_remote_args={"num_cpus": job.io_cpus}
+    marked.write_parquet(  # row groups of a unit's size: the next stage reads no more than its units
+        destination.path,
+        filesystem=destination.arrow_filesystem(),
+        ray_remote_args={"num_cpus": job.io_cpus},
+        row_group_size=job.rows_per_unit,
     )
 
 

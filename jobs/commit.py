@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.retries import with_retries
-from jobs.storage import Location, storage_call
+from jobs.storage import Location, exists, storage_call
 from reranker.errors import OutputError
 
 logger = logging.getLogger(__name__)
@@ -79,15 +79,15 @@ def committed_counts(location: Location, names: Sequence[str]) -> dict[str, dict
         return dict(json.loads(metadata[COUNTS_KEY]))
 
     location.fs.invalidate_cache(location.path)  # the files were written by other processes
-    return {name: with_retries(functools.partial(counts_of, name), f"reading {name}") for name in names}
+    return {name: storage_call(functools.partial(counts_of, name), f"reading {name}") for name in names}
 
 
 def list_names(location: Location, prefix: str = "part-") -> set[str]:
     """Names of the files directly under ``location`` that start with ``prefix``."""
     location.fs.invalidate_cache(location.path)
-    if not location.fs.exists(location.path):
+    if not exists(location):
         return set()
-    entries = with_retries(lambda: location.fs.ls(location.path, detail=False), f"listing {location.path}")
+    entries = storage_call(lambda: location.fs.ls(location.path, detail=False), f"listing {location.path}")
     names = {posixpath.basename(entry.rstrip("/")) for entry in entries}
     return {name for name in names if name.startswith(prefix)}
 
@@ -100,7 +100,7 @@ def remove_files(location: Location, names: Sequence[str]) -> None:
 
 def remove_path(location: Location) -> None:
     """Delete a file or a directory tree if it exists (transient storage errors retried)."""
-    if storage_call(lambda: location.fs.exists(location.path), f"checking {location.path}"):
+    if exists(location):
         storage_call(
             functools.partial(location.fs.rm, location.path, recursive=True), f"deleting {location.path}"
         )

@@ -14,12 +14,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jobs.commit import SUCCESS_NAME
-from jobs.retries import with_retries
 from jobs.settings import RescoreSettings
-from jobs.storage import InputPlan, Location
+from jobs.storage import InputPlan, Location, storage_call
 from reranker.errors import OutputError
 
 MANIFEST_NAME = "_rescore_job.json"
+# What the working files hold: 2, a ranked job's units keep raw logits (the activation is applied when
+# ranked). An output started by an earlier version (no format_version) is not resumed: its units could
+# hold activated scores, which would be activated twice.
+FORMAT_VERSION = 2
 
 
 SCORING_FIELDS = {"model", "revision", "precision", "max_length", "activation"}
@@ -56,6 +59,7 @@ def job_manifest(settings: RescoreSettings, plan: InputPlan, versions: Sequence[
         }
     )
     return {
+        "format_version": FORMAT_VERSION,
         **scoring,
         **layout,
         **({} if settings.cascade.cascade else {"model_version": versions[0]}),
@@ -114,7 +118,7 @@ def write_json(location: Location, name: str, value: Any) -> None:
             handle.write(data)
         location.fs.mv(temporary, final)
 
-    with_retries(write, f"writing {final}")
+    storage_call(write, f"writing {final}")
 
 
 def read_json(location: Location, name: str) -> Any | None:
@@ -122,13 +126,14 @@ def read_json(location: Location, name: str) -> Any | None:
     path = posixpath.join(location.path, name)
 
     def read() -> Any | None:
-        location.fs.invalidate_cache(location.path)
-        if not location.fs.exists(path):
+        try:
+            with location.fs.open(path, "rb") as handle:
+                return json.loads(handle.read())
+        except FileNotFoundError:
             return None
-        with location.fs.open(path, "rb") as handle:
-            return json.loads(handle.read())
 
-    return with_retries(read, f"reading {path}")
+    location.fs.invalidate_cache(location.path)
+    return storage_call(read, f"reading {path}")
 
 
 def changed_fields(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

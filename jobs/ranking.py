@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import math
 import posixpath
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,8 +59,9 @@ def rank_group(
 ) -> pa.Table:
     """Ray Data group function: one query's rows best first (null scores last), ranked, cut to k.
 
-    Equal scores keep their input order (``position_column``, dropped from the result), so every
-    run, and the redo of a run, keeps and ranks the same rows. With ``stage_columns`` (a cascade's
+    Equal scores keep their input order (``position_column``, kept for ``commit_ranked``, which
+    names the block's file by it and drops it), so every run, and the redo of a run, keeps and ranks
+    the same rows. With ``stage_columns`` (a cascade's
     per-stage scores), rows that reached a later stage come first and ``score_column`` is added: the
     score of the last stage each row reached, made monotone with the order
     (``reranker.cascade.monotone_scores``). The scores are raw logits until the order is decided;
@@ -71,7 +71,8 @@ def rank_group(
         ordered = _cascade_ordered(group, score_column, position_column, stage_columns)
     else:
         ordered = group.sort_by([(score_column, "descending"), (position_column, "ascending")])
-    ordered = ordered.drop_columns([name for name in HIDDEN_COLUMNS if name in ordered.column_names])
+    if SELECTED_COLUMN in ordered.column_names:
+        ordered = ordered.drop_columns([SELECTED_COLUMN])
     cut = 0 if top_k is None else max(0, ordered.num_rows - top_k)
     ordered = ordered.slice(0, top_k) if top_k is not None else ordered
     if activation == "sigmoid":
@@ -177,11 +178,16 @@ def move_files(source: Location, destination: Location) -> None:
 
 
 def commit_ranked(batch: pa.Table, destination: Location) -> pa.Table:
-    """Ray Data task: commit one block of ranked rows as its own file; returns its rows and rows cut."""
+    """Ray Data task: commit one block of ranked rows as its own file; returns its rows and rows cut.
+
+    The file is named by the block's first input position, so a retried task rewrites its own file
+    rather than adding a second copy.
+    """
     cut = int(pc.sum(batch.column(CUT_COLUMN)).as_py() or 0) if CUT_COLUMN in batch.column_names else 0
     table = batch.drop_columns([name for name in HIDDEN_COLUMNS if name in batch.column_names])
     if table.num_rows:
-        commit_table(destination, f"part-{uuid.uuid4().hex}.parquet", table, {"rows": table.num_rows})
+        first = int(pc.min(batch.column(POSITION_COLUMN)).as_py())
+        commit_table(destination, f"part-{first:016x}.parquet", table, {"rows": table.num_rows})
     return pa.table({"rows": [table.num_rows], "cut": [cut]})
 
 

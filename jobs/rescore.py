@@ -35,6 +35,7 @@ from jobs.manifest import MANIFEST_NAME, job_manifest, read_json, resume_or_star
 from jobs.pipeline import UnitScoring, score_units
 from jobs.ranking import HIDDEN_COLUMNS, POSITION_COLUMN, RANKING_DIR, rank_scored
 from jobs.resources import start_ray
+from jobs.retries import is_transient
 from jobs.settings import JobSettings, RescoreSettings
 from jobs.storage import (
     InputPlan,
@@ -115,6 +116,7 @@ def run(settings: RescoreSettings) -> JobSummary:
     done = resume_or_start(output, job_manifest(settings, plan, versions), job.output)
     if done is not None:
         logger.info("output %s is already complete; nothing to do", job.output)
+        remove_files(output, [WRITTEN_NAME])  # a run that died right after writing _SUCCESS
         return JobSummary(
             **{**done, "units_resumed": done["units"], "pairs_scored_this_run": 0, "wall_seconds": 0.0}
         )
@@ -384,6 +386,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cause = exc.cause if isinstance(exc.cause, Exception) else exc
         print(f"error: scoring failed: {type(cause).__name__}: {cause}".splitlines()[0], file=sys.stderr)
         return 1
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        print(f"error: storage unavailable: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
     print(summary.line())
     return 0
 

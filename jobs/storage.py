@@ -27,7 +27,8 @@ from reranker.errors import InputError, OutputError, RerankError
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 _GLOB_CHARS = ("*", "?", "[")
 _TEXT_TYPES = (pa.string(), pa.large_string(), pa.string_view(), pa.null())
-_SAMPLE_OUTPUT_FILE = "part-00000-000000000000.parquet"  # a name the job writes (jobs.units)
+# Names the job writes: a unit's file (jobs.units) and a ranked block's (jobs.ranking).
+_SAMPLE_OUTPUT_FILES = ("part-00000-000000000000.parquet", "part-0000000000000000.parquet")
 T = TypeVar("T")
 
 
@@ -35,6 +36,21 @@ class StorageUnavailableError(RerankError):
     """Storage kept failing with transient errors through every retry: an outage, not a bad file."""
 
     error_type = "storage_unavailable"
+
+
+def exists(location: Location) -> bool:
+    """Whether a file or directory exists, its transient errors retried.
+
+    Not ``fs.exists``: fsspec's answers False on any error, so a throttled HEAD would read as "absent".
+
+    Raises:
+        StorageUnavailableError: Storage kept failing through every retry.
+    """
+    try:
+        storage_call(lambda: location.fs.info(location.path), f"checking {location.path}")
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def storage_call(action: Callable[[], T], what: str) -> T:
@@ -325,7 +341,8 @@ def check_output_apart(
             f"output {output_uri} overlaps input {input_uri} (it equals, contains or lies inside it) and "
             "the job writes there, or with --overwrite deletes it first; choose an output outside the input"
         )
-    if is_glob(source) and re.match(glob_translate(source), posixpath.join(out, _SAMPLE_OUTPUT_FILE)):
+    reached = (re.match(glob_translate(source), posixpath.join(out, name)) for name in _SAMPLE_OUTPUT_FILES)
+    if is_glob(source) and any(reached):
         raise OutputError(
             f"output {output_uri} lies where input {input_uri} matches: a rerun would read the job's own "
             "files as input; choose an output the pattern does not reach"
@@ -373,7 +390,7 @@ def prepare_output(
     location = locate(uri, storage_options)
     fs, path = location.fs, location.path
     fs.invalidate_cache(path)
-    if storage_call(lambda: fs.exists(path), f"checking {uri}"):
+    if exists(location):
         if storage_call(lambda: fs.isfile(path), f"checking {uri}"):
             raise OutputError(f"output {uri} is a file; give a directory for the Parquet dataset")
         entries = storage_call(lambda: fs.ls(path, detail=False), f"listing {uri}")
@@ -386,9 +403,13 @@ def prepare_output(
 
 def write_empty_output(location: Location, schema: pa.Schema) -> None:
     """Write one empty Parquet file with the output schema (for an input with no rows)."""
-    location.fs.makedirs(location.path, exist_ok=True)
-    with location.fs.open(posixpath.join(location.path, "part-00000.parquet"), "wb") as handle:
-        pq.write_table(schema.empty_table(), handle)
+
+    def write() -> None:
+        location.fs.makedirs(location.path, exist_ok=True)
+        with location.fs.open(posixpath.join(location.path, "part-00000.parquet"), "wb") as handle:
+            pq.write_table(schema.empty_table(), handle)
+
+    storage_call(write, f"writing {location.path}")
 
 
 def count_rows(location: Location) -> int:

@@ -74,20 +74,24 @@ def start_local_ray(runtime_env: dict[str, Any] | None = None) -> None:
     ray.init(namespace=SERVE_NAMESPACE, include_dashboard=False, runtime_env=runtime_env or None)
 
 
-def local_http_options(config_path: str | None) -> dict[str, Any] | None:
-    """The config's HTTP options with the host narrowed to 127.0.0.1, when it names any interface."""
-    if not config_path or not Path(config_path).is_file():
+def read_config(path: str | None) -> dict[str, Any] | None:
+    """The Serve config file ``serve run`` was given, or None for an import path."""
+    if not path or not Path(path).is_file():
         return None
-    with open(config_path) as handle:
-        config = yaml.safe_load(handle) or {}
-    http = dict(config.get("http_options") or {})
-    if str(http.get("host", LOCAL_HOST)) not in _ANY_HOST:
+    with open(path) as handle:
+        return yaml.safe_load(handle) or {}
+
+
+def local_http_options(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The config's HTTP options with the host narrowed to 127.0.0.1, when it names any interface."""
+    http = dict((config or {}).get("http_options") or {})
+    if config is None or str(http.get("host", LOCAL_HOST)) not in _ANY_HOST:
         return None
     return {**http, "host": LOCAL_HOST}
 
 
-def start_serve_on_this_machine(http_options: dict[str, Any], proxy_location: str | None) -> None:
-    """Start Serve listening on 127.0.0.1 before ``serve run`` (which then keeps these HTTP options)."""
+def start_serve_on_this_machine(config: dict[str, Any], http_options: dict[str, Any]) -> None:
+    """Start Serve on 127.0.0.1 with the config's other options, before ``serve run`` (which keeps them)."""
     from ray import serve
 
     port = http_options.get("port", 8000)
@@ -97,7 +101,22 @@ def start_serve_on_this_machine(http_options: dict[str, Any], proxy_location: st
         "with an API key (RERANK_API_KEY).",
         file=sys.stderr,
     )
-    serve.start(http_options=http_options, proxy_location=proxy_location or "EveryNode")
+    options = {
+        key: config[key] for key in ("grpc_options", "logging_config", "controller_options") if key in config
+    }
+    serve.start(
+        http_options=http_options, proxy_location=config.get("proxy_location") or "EveryNode", **options
+    )
+
+
+def proxy_buffer_for(config: dict[str, Any] | None) -> None:
+    """Keep the proxy's retry buffer within the service's ``max_body_bytes`` (both run on this machine)."""
+    from serve.config_check import smallest_max_body_bytes
+    from serve.settings import DEFAULT_BUFFER_BYTES, PROXY_BUFFER_ENV
+
+    limit = smallest_max_body_bytes(config or {})
+    if limit is not None and limit < DEFAULT_BUFFER_BYTES:
+        os.environ.setdefault(PROXY_BUFFER_ENV, str(limit))
 
 
 def connects_to_cluster(options: dict[str, Any]) -> bool:
@@ -108,14 +127,17 @@ def connects_to_cluster(options: dict[str, Any]) -> bool:
 def check(paths: Sequence[str]) -> None:
     """``python -m serve check CONFIG...``: check each Serve config (args, every user_config); exit 0 or 2."""
     from reranker.errors import ConfigError
-    from serve.config_check import check_config_file
+    from serve.config_check import check_config_file, proxy_buffer_warning
 
     for path in paths or ["configs/serve.yaml"]:
         try:
-            check_config_file(path)
+            config = check_config_file(path)
         except ConfigError as exc:
             print(f"error: {path}: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        warning = proxy_buffer_warning(config)
+        if warning:
+            print(f"warning: {path}: {warning}", file=sys.stderr)
         print(f"{path}: ok")
 
 
@@ -131,24 +153,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = serve_run_options(args)
     if not connects_to_cluster(options):
         config_path = options.get("config_or_import_path")
-        if config_path and Path(config_path).is_file():
-            check([config_path])
+        config = read_config(config_path)
+        if config is not None:
+            check([str(config_path)])
         for name, value in SHIPPED_RAY_SERVE_ENV.items():
             os.environ.setdefault(name, value)
+        proxy_buffer_for(config)
         start_local_ray(runtime_env_of(options))
-        http_options = local_http_options(config_path)
-        if http_options is not None:
-            start_serve_on_this_machine(http_options, _proxy_location(config_path))
+        http_options = local_http_options(config)
+        if config is not None and http_options is not None:
+            start_serve_on_this_machine(config, http_options)
     from ray.serve.scripts import run
 
     run.main(args, prog_name="python -m serve")
-
-
-def _proxy_location(config_path: str | None) -> str | None:
-    if not config_path:
-        return None
-    with open(config_path) as handle:
-        return (yaml.safe_load(handle) or {}).get("proxy_location")
 
 
 if __name__ == "__main__":

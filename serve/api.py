@@ -329,10 +329,10 @@ def _info_routes() -> APIRouter:
     async def health(service: Service) -> Health:
         """200 when the model scored a batch or a probe within the health interval, else 503."""
         try:
-            await service.ranker.health_check()
+            refused = await service.ranker.health_check()
         except RuntimeError as exc:
             raise OverloadedError(str(exc)) from exc
-        return Health(config_refused=await service.ranker.refused_configs())
+        return Health(config_refused=refused)
 
     @router.get(
         "/v1/models",

@@ -24,15 +24,16 @@ from reranker.settings import ModelSettings
 from serve.api import RerankService, create_api
 from serve.cascade import RemoteStage
 from serve.engine import RerankEngine, Scored, Truncation, UserConfig
-from serve.layout import (
+from serve.metrics import RerankMetrics
+from serve.settings import ServeSettings
+from serve.shape import (
     app_shape,
     base_batching,
     check_shape,
     own_batching_keys,
+    stage_deployments,
     warn_ignored_resources,
 )
-from serve.metrics import RerankMetrics
-from serve.settings import ServeSettings
 
 logger = logging.getLogger("ray.serve")
 api = create_api()
@@ -210,9 +211,9 @@ class RerankStage:
         """Serve's health check: fails when the stage's model can't score."""
         await self.engine.health_check()
 
-    async def refused_config(self) -> str | None:
-        """Why this stage refused its last ``user_config``, if it did (the ingress's ``/health`` shows it)."""
-        return await self.engine.refused_config()
+    async def health(self) -> str | None:
+        """The ingress's check of this stage: raise unless it can score; its refused ``user_config``."""
+        return await self.engine.health_check()
 
     def batching(self) -> dict[str, Any]:
         """The batching settings in force (for operators, through a deployment handle)."""
@@ -232,7 +233,7 @@ def build_app(args: dict[str, Any]) -> Application:
     settings = ServeSettings.load(file_values=args)
     shape = app_shape(settings)
     warn_ignored_resources(settings)
-    if shape["layout"] == "one_replica":
+    if not stage_deployments(shape):
         return Reranker.bind(dict(args), (), shape)  # type: ignore[attr-defined]
     handles = [
         RerankStage.options(  # type: ignore[attr-defined]

@@ -36,9 +36,7 @@ class StageScorer(Protocol):
         self, queries: Sequence[str], passages: Sequence[str], truncation: Truncation = ...
     ) -> Scored: ...
 
-    async def health_check(self) -> None: ...  # noqa: D102
-
-    async def refused_config(self) -> str | None: ...  # noqa: D102
+    async def health_check(self) -> str | None: ...  # noqa: D102  # returns a refused user_config
 
 
 class RemoteStage:
@@ -80,13 +78,12 @@ class RemoteStage:
             raise
         return scored
 
-    async def health_check(self) -> None:
-        """Raise unless the stage deployment can score."""
-        await self.handle.check_health.remote()
+    async def health_check(self) -> str | None:
+        """Raise unless the stage deployment can score; why it refused its last ``user_config``, if it did.
 
-    async def refused_config(self) -> str | None:
-        """Why the stage deployment refused its last ``user_config``, if it did."""
-        refused: str | None = await self.handle.refused_config.remote()
+        One call to one of its replicas (``RerankStage.health``).
+        """
+        refused: str | None = await self.handle.health.remote()
         return refused
 
 
@@ -147,14 +144,13 @@ class CascadeRanker:
         order, final, reached = cascade_order(stage_scores)
         return Ranked(order, monotone_scores(order, final, reached), stage_scores, tokens, truncated)
 
-    async def health_check(self) -> None:
-        """Raise unless every stage can score."""
-        for stage in self.stages:
-            await stage.health_check()
+    async def health_check(self) -> dict[str, str]:
+        """Raise unless every stage can score.
 
-    async def refused_configs(self) -> dict[str, str]:
-        """Each stage's refused ``user_config``, by stage name (empty when none was refused)."""
+        Returns:
+            Each stage's refused ``user_config``, by stage name (empty when none was refused).
+        """
         refused = {
-            name: await stage.refused_config() for name, stage in zip(self.names, self.stages, strict=True)
+            name: await stage.health_check() for name, stage in zip(self.names, self.stages, strict=True)
         }
         return {name: reason for name, reason in refused.items() if reason}

@@ -8,6 +8,7 @@ This check finds it before: ``python -m serve`` runs it on its config before sta
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,16 +18,43 @@ import yaml
 from reranker.cascade import stage_names
 from reranker.errors import ConfigError
 from serve.engine import UserConfig
-from serve.layout import app_shape, base_batching, own_batching_keys
-from serve.settings import ServeSettings
+from serve.settings import DEFAULT_BUFFER_BYTES, PROXY_BUFFER_ENV, ServeSettings
+from serve.shape import app_shape, base_batching, own_batching_keys, stage_deployments
 
 APP_IMPORT_PATH = "serve.app:build_app"
 INGRESS = "Reranker"
 STAGE_PREFIX = "RerankStage_"
 
 
-def check_config_file(path: str | Path) -> None:
-    """Check every application of a Serve config file that runs this service.
+def smallest_max_body_bytes(config: Mapping[str, Any]) -> int | None:
+    """The lowest ``max_body_bytes`` of this service's applications in a Serve config (None: none)."""
+    limits = [
+        ServeSettings.load(file_values=application.get("args") or {}).serving.max_body_bytes
+        for application in config.get("applications") or []
+        if application.get("import_path") == APP_IMPORT_PATH
+    ]
+    return min(limits, default=None)
+
+
+def proxy_buffer_warning(config: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> str | None:
+    """A warning when the proxy's retry buffer (its env, else 1 MiB) can hold more than ``max_body_bytes``.
+
+    The proxy reads its cap from the environment that starts Ray, never from a Serve config's args.
+    """
+    limit = smallest_max_body_bytes(config)
+    buffer = environ.get(PROXY_BUFFER_ENV, "").strip()
+    cap = int(buffer) if buffer.isdigit() else DEFAULT_BUFFER_BYTES
+    if limit is None or cap <= limit:
+        return None
+    return (
+        f"max_body_bytes {limit} is below the proxy's retry buffer ({cap} bytes): set "
+        f"{PROXY_BUFFER_ENV}={limit} in the environment that starts Ray on every node (python -m serve does "
+        "it itself)"
+    )
+
+
+def check_config_file(path: str | Path) -> dict[str, Any]:
+    """Check every application of a Serve config file that runs this service; the config.
 
     Raises:
         ConfigError: One line naming the application, the deployment and the problem.
@@ -38,6 +66,7 @@ def check_config_file(path: str | Path) -> None:
     for application in config.get("applications") or []:
         if application.get("import_path") == APP_IMPORT_PATH:
             check_application(application)
+    return dict(config)
 
 
 def check_application(application: Mapping[str, Any]) -> None:
@@ -66,23 +95,33 @@ def check_user_config(settings: ServeSettings, deployment: str, raw: Mapping[str
         ConfigError: Invalid, or for a deployment this app does not make.
     """
     names = stage_names(settings.stages)
-    shape = app_shape(settings)
+    separate = stage_deployments(app_shape(settings))
     if deployment == INGRESS:
-        if shape["layout"] == "deployment_per_stage" and raw:
+        if separate and raw:
             raise ConfigError("the cascade's ingress runs no model: set user_config on the stage deployments")
-        _check_stages(settings, raw, names, names)
-    elif deployment.startswith(STAGE_PREFIX) and deployment.removeprefix(STAGE_PREFIX) in shape["stages"]:
+        _check_stages(settings, raw, names, names, own=True)
+    elif deployment.removeprefix(STAGE_PREFIX) in separate and deployment.startswith(STAGE_PREFIX):
         stage = deployment.removeprefix(STAGE_PREFIX)
-        _check_stages(settings, raw, [stage], [stage])
+        _check_stages(settings, raw, [stage], [stage], own=False)
     else:
-        made = [INGRESS, *(STAGE_PREFIX + stage for stage in shape["stages"])]
+        made = [INGRESS, *(STAGE_PREFIX + stage for stage in separate)]
         raise ConfigError(f"not a deployment of this app (it makes {', '.join(made)})")
 
 
 def _check_stages(
-    settings: ServeSettings, raw: Mapping[str, Any] | None, allowed: Sequence[str], checked: Sequence[str]
+    settings: ServeSettings,
+    raw: Mapping[str, Any] | None,
+    allowed: Sequence[str],
+    checked: Sequence[str],
+    own: bool,
 ) -> None:
+    """Validate ``raw`` and apply it to each checked stage's settings, as its replicas will.
+
+    ``own``: a stage's own cascade declaration keeps its keys against top-level ones (the ingress of a
+    one-replica cascade); a stage deployment's own ``user_config`` applies every key.
+    """
     parsed = UserConfig.parse(raw, allowed)
+    names = stage_names(settings.stages)
     for name in checked:
-        number = stage_names(settings.stages).index(name)
-        parsed.for_stage(base_batching(settings, number), name, own_batching_keys(settings, name))
+        keep = own_batching_keys(settings, name) if own else set()
+        parsed.for_stage(base_batching(settings, names.index(name)), name, keep)

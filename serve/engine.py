@@ -178,11 +178,6 @@ class BatchQueue:
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
 
-    @property
-    def pairs_waiting(self) -> int:
-        """Pairs queued and not yet in a batch."""
-        return sum(len(item.chunk.queries) for item in self._waiting)
-
     async def submit(self, chunk: Chunk) -> Scored | Exception:
         """Queue ``chunk``; its result (or the exception scoring it raised) once its batch ran."""
         loop = asyncio.get_running_loop()
@@ -194,11 +189,18 @@ class BatchQueue:
         return await future
 
     def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start the batching task on this loop (again, if an earlier loop closed)."""
-        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
-            self._waiting.clear()  # futures of a closed loop can never be answered
-            self._arrived = asyncio.Event()
-            self._worker = loop.create_task(self._work())
+        """Start the batching task on this loop; again if it ended, keeping what is queued on this loop."""
+        worker = self._worker
+        if worker is not None and not worker.done() and worker.get_loop() is loop:
+            return
+        if worker is not None and worker.get_loop() is not loop:
+            self._waiting.clear()  # an earlier loop's requests (a closed loop): nobody awaits them here
+        elif worker is not None and not worker.cancelled() and worker.exception() is not None:
+            logger.error("the batching task stopped; restarting it", exc_info=worker.exception())
+        self._arrived = asyncio.Event()
+        if self._waiting:
+            self._arrived.set()
+        self._worker = loop.create_task(self._work())
 
     async def _work(self) -> None:
         while True:
@@ -412,12 +414,13 @@ class RerankEngine:
         if truncated.any():  # Ray counters reject increments of 0
             self.metrics.truncated.inc(int(truncated.sum()), tags=tags)
 
-    async def health_check(self) -> None:
-        """Raise unless the model scored a batch or a probe within the health interval."""
-        await self.health.check()
+    async def health_check(self) -> str | None:
+        """Raise unless the model scored a batch or a probe within the health interval.
 
-    async def refused_config(self) -> str | None:
-        """Why the last ``user_config`` was refused, if it was (the settings in force stayed)."""
+        Returns:
+            Why the last ``user_config`` was refused, if it was (the settings in force stayed).
+        """
+        await self.health.check()
         return self.config_refused
 
     async def _probe(self) -> None:

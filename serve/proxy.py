@@ -52,16 +52,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.errors import ReplicaLostError, status_of
 from serve.schemas import ErrorBody, ErrorResponse
+from serve.settings import (
+    DEFAULT_APPS,
+    DEFAULT_BUFFER_BYTES,
+    DEFAULT_BUFFER_TOTAL_BYTES,
+    MAX_BODY_ENV,
+    PROXY_APPS_ENV,
+    PROXY_BUFFER_ENV,
+    PROXY_BUFFER_TOTAL_ENV,
+)
 
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "serve.proxy:proxy_middlewares"
-PROXY_BUFFER_ENV = "RERANK_PROXY_BUFFER_BYTES"  # the most one request keeps for a retry
-PROXY_BUFFER_TOTAL_ENV = "RERANK_PROXY_BUFFER_TOTAL_BYTES"  # the most all requests of a proxy keep
-PROXY_APPS_ENV = "RERANK_PROXY_APPS"  # comma-separated Serve app names whose requests may be retried
-MAX_BODY_ENV = "RERANK_MAX_BODY_BYTES"  # the replicas' max_body_bytes; caps the buffer when set here
-DEFAULT_BUFFER_BYTES = 1024 * 1024
-DEFAULT_BUFFER_TOTAL_BYTES = 64 * 1024 * 1024
-DEFAULT_APPS = "rerank"  # the app name in configs/serve.yaml
 SCORING_ROUTES = frozenset({"/v1/rerank", "/v2/rerank", "/rerank", "/score"})  # idempotent POST routes
 RETRIES = 1  # tries after the first; it lands on a live replica once the router knows
 RETRIES_PER_REPLICA_DEATH = 32  # a replica's death makes at most this many retries (per proxy)
@@ -145,12 +147,17 @@ class ProxyConfig:
 
 
 def _env_bytes(environ: Mapping[str, str], name: str, default: int) -> int:
+    """A whole number of bytes from ``environ``; a malformed value is logged and the default kept.
+
+    Never raises: the middleware is built in the node's shared proxy, whose failure would take HTTP
+    down for every application on the node.
+    """
     value = environ.get(name, "").strip()
-    if not value:
-        return default
-    if not value.isdigit():
-        raise ValueError(f"{name}={value!r}: expected a whole number of bytes")
-    return int(value)
+    if value.isdigit():
+        return int(value)
+    if value:
+        logger.warning("%s=%r is not a whole number of bytes; using %d", name, value, default)
+    return default
 
 
 class BufferPool:

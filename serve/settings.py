@@ -10,7 +10,15 @@ from pydantic import Field, field_validator, model_validator
 
 from reranker.cascade import CascadeSettings, CascadeStage, resolve_stages
 from reranker.settings import ComposedSettings, ModelSettings, SettingsSection
-from serve.proxy import PROXY_APPS_ENV, PROXY_BUFFER_ENV, PROXY_BUFFER_TOTAL_ENV
+
+# serve.proxy's own variables (read in Serve's proxy process, which sees no Serve config's args).
+PROXY_BUFFER_ENV = "RERANK_PROXY_BUFFER_BYTES"  # the most one request keeps for a retry
+PROXY_BUFFER_TOTAL_ENV = "RERANK_PROXY_BUFFER_TOTAL_BYTES"  # the most all requests of a proxy keep
+PROXY_APPS_ENV = "RERANK_PROXY_APPS"  # comma-separated Serve app names whose requests may be retried
+MAX_BODY_ENV = "RERANK_MAX_BODY_BYTES"  # the replicas' max_body_bytes; caps the buffer when set there
+DEFAULT_BUFFER_BYTES = 1024 * 1024
+DEFAULT_BUFFER_TOTAL_BYTES = 64 * 1024 * 1024
+DEFAULT_APPS = "rerank"  # the app name in configs/serve.yaml
 
 
 class ServingSettings(SettingsSection):

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 
 from serve.api import RerankService, create_api
 from serve.engine import RerankEngine
-from serve.layout import batching_config
 from serve.settings import ServeSettings
+from serve.shape import batching_config
 
 T = TypeVar("T")
 

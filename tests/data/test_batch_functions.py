@@ -120,8 +120,9 @@ def test_rank_group_orders_ranks_and_cuts():
     ranked = rank_group(group, "score", POSITION_COLUMN, add_rank=True, top_k=None)
     assert ranked.column("score").to_pylist()[:3] == pytest.approx([0.9, 0.5, 0.1])
     assert ranked.column("rank").to_pylist() == [1, 2, 3, None]
-    assert ranked.column_names == ["qid", "score", "rank", CUT_COLUMN]  # no tie-breaker; the cut count
-    assert ranked.column(CUT_COLUMN).to_pylist() == [0, 0, 0, 0]  # (dropped when the block is committed)
+    # the tie-breaker and the cut count travel to the block's commit, which drops them
+    assert ranked.column_names == ["qid", "score", POSITION_COLUMN, "rank", CUT_COLUMN]
+    assert ranked.column(CUT_COLUMN).to_pylist() == [0, 0, 0, 0]
     top = rank_group(group, "score", POSITION_COLUMN, add_rank=False, top_k=2)
     assert top.num_rows == 2 and "rank" not in top.column_names
     assert np.isclose(top.column("score").to_pylist(), [0.9, 0.5]).all()

@@ -186,3 +186,45 @@ def test_working_directories_are_removed_before_success(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         rescore.finish(Location(LocalFileSystem(), str(tmp_path)), {}, (0, 0, 0), {}, 0.0)
     assert sorted(path.name for path in tmp_path.iterdir()) == [rescore.WRITTEN_NAME]
+
+
+def test_listings_and_json_reads_are_retried_and_an_outage_is_one_line(tmp_path):
+    """list_names and read_json retry a dropped connection; past the retries, one storage line."""
+    from jobs.commit import list_names
+    from jobs.storage import StorageUnavailableError
+    from tests.data.test_storage import FlakyListings
+
+    (tmp_path / "part-1.parquet").write_bytes(b"x")
+    write_json(Location(LocalFileSystem(), str(tmp_path)), "m.json", {"a": 1})
+    assert list_names(Location(FlakyListings(failures=2), str(tmp_path))) == {"part-1.parquet"}
+    with pytest.raises(
+        StorageUnavailableError, match=r"(checking|listing) .*: storage unavailable after 5 tries"
+    ):
+        list_names(Location(FlakyListings(failures=100), str(tmp_path)))
+
+
+def test_an_output_started_by_an_earlier_version_is_not_resumed(tmp_path):
+    """A manifest without format_version (its ranked units could hold sigmoid scores, which the ranking
+    would squash again) is another job: refused with the field named, --overwrite to start fresh."""
+    from jobs.manifest import FORMAT_VERSION, MANIFEST_NAME, resume_or_start
+    from reranker.errors import OutputError
+
+    location = Location(LocalFileSystem(), str(tmp_path))
+    manifest = {"model": "m", "format_version": FORMAT_VERSION, "input_files": []}
+    write_json(
+        location, MANIFEST_NAME, {key: value for key, value in manifest.items() if key != "format_version"}
+    )
+    with pytest.raises(OutputError, match=r"format_version .*--overwrite"):
+        resume_or_start(location, manifest, str(tmp_path))
+
+
+def test_an_output_that_does_not_hold_the_rows_expected_is_never_marked_complete(tmp_path):
+    """Every job shape passes its expected rows to finish(): a difference fails loudly, and neither
+    _WRITTEN nor _SUCCESS is written."""
+    from jobs import rescore
+
+    pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "part-1.parquet")
+    location = Location(LocalFileSystem(), str(tmp_path))
+    with pytest.raises(rescore.RowsLostError, match="hold 2 rows where 3 were expected"):
+        rescore.finish(location, {}, (1, 0, 0), {}, 0.0, rows_expected=3)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["part-1.parquet"]

@@ -30,7 +30,7 @@ def visible(directory: Path) -> list[str]:
 
 def test_overwrite_of_the_input_itself_is_refused_and_loses_nothing(tmp_path, capsys, tiny_model_dir):
     """--input X --output X --overwrite (and an output that holds the input): one line, exit 2, the input
-    intact, before Ray starts or anything is written or deleted."""
+    intact: refused on the driver before anything is written or deleted."""
     source = tmp_path / "scored"
     source.mkdir()
     for part in range(2):
@@ -76,6 +76,9 @@ def test_a_selection_built_before_a_file_was_readable_is_redone(
     with pytest.raises(KeyboardInterrupt):
         main(args)
     assert (output / "_select2" / "_DONE").exists()
+    selection = [pq.ParquetFile(path).metadata for path in (output / "_select2").glob("*.parquet")]
+    groups = [meta.row_group(i).num_rows for meta in selection for i in range(meta.num_row_groups)]
+    assert groups and max(groups) <= 400  # row groups of at most rows_per_unit: units read only their rows
     monkeypatch.undo()
     flaky.write_bytes(original)
     os.utime(flaky, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -6,6 +6,7 @@ app's dead replica and a replica's own exception keep the proxy's bare 500.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -35,8 +36,9 @@ def serving() -> Iterator[int]:
         serve.shutdown()
 
 
-def dies_once_deployment(marker: Path):  # type: ignore[no-untyped-def]
-    """A one-replica echo deployment, on any path, whose replica kills its own process on the first call."""
+def dies_once_deployment(marker: Path, die_on: tuple[int, ...] = (1,)):  # type: ignore[no-untyped-def]
+    """A one-replica echo deployment, on any path, whose replica kills its own process on the first call
+    (or on each call numbered in ``die_on``)."""
     from ray import serve
     from starlette.requests import Request
 
@@ -46,7 +48,7 @@ def dies_once_deployment(marker: Path):  # type: ignore[no-untyped-def]
             body = await request.json()
             with marker.open("a") as calls:
                 calls.write(f"{os.getpid()}\n")
-            if len(marker.read_text().splitlines()) == 1:
+            if len(marker.read_text().splitlines()) in die_on:
                 os._exit(1)  # as a SIGKILL or the OOM killer would: no answer, the actor is gone
             return {"echo": body, "pid": os.getpid()}
 
@@ -106,12 +108,19 @@ def test_a_scoring_request_whose_replica_died_is_answered_by_the_replacement(tmp
 
     marker = tmp_path / "calls"
     with serving() as port:
-        serve.run(dies_once_deployment(marker), name="rerank", route_prefix="/")
+        serve.run(dies_once_deployment(marker, die_on=(1, 3)), name="rerank", route_prefix="/")
         response = requests.post(f"http://127.0.0.1:{port}/v1/rerank", json=BODY, timeout=60)
         assert response.status_code == 200, response.text
         assert response.json()["echo"] == BODY
         first, second = calls(marker)
         assert response.json()["pid"] == second != first
+        # A chunked body past the proxy's 1 MiB retry buffer streams to the replica unbuffered (it is never
+        # held whole in the shared proxy) and is not retried when that replica dies: the proxy's own 500.
+        big = json.dumps({"query": "q", "documents": ["x" * 1000] * 2100}).encode()  # ~2 MiB
+        chunks = (big[i : i + 65536] for i in range(0, len(big), 65536))  # no Content-Length: chunked
+        response = requests.post(f"http://127.0.0.1:{port}/v1/rerank", data=chunks, timeout=60)
+        assert response.status_code == 500 and len(calls(marker)) == 3
+        assert proxy_log_has("not retried: its body streamed past the buffer cap")
 
 
 def test_a_dead_replica_of_another_app_is_left_to_the_proxy(tmp_path):
@@ -152,8 +161,8 @@ def test_a_cascade_stage_replica_that_dies_mid_request_is_retried_on_its_handle(
     from ray import serve
 
     from serve.app import Reranker, RerankStage
-    from serve.layout import app_shape
     from serve.settings import ServeSettings
+    from serve.shape import app_shape
 
     marker = tmp_path / "died"
 

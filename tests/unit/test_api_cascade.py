@@ -169,10 +169,10 @@ def test_reported_scores_follow_the_order_on_every_route(tiny_model, low_scoring
 
 
 def test_truncation_is_counted_once_per_document(tiny_model, larger_model):
-    """Ten documents, five longer than both models' limit, through two stages: 5 truncated, not 5 + k;
+    """Ten documents, five longer than both models' limit, all through both stages: 5 truncated, not 10;
     TEI's truncate=false refusal counts the same way."""
     documents = ["solar " * 200 if i % 2 else "solar panels" for i in range(10)]
-    with serving([tiny_model, larger_model], rerank_count=5) as client:
+    with serving([tiny_model, larger_model], rerank_count=10) as client:  # every document reaches stage 2
         meta = rerank(client, {"documents": documents})["meta"]
         refused = client.post("/rerank", json={"query": QUERY, "texts": documents, "truncate": False})
     assert meta["truncated_documents"] == 5

@@ -13,8 +13,8 @@ from reranker.errors import ConfigError
 from reranker.model import CrossEncoderModel
 from serve import app as serve_app
 from serve.engine import BatchingConfig, RerankEngine, Truncation
-from serve.layout import app_shape, base_batching
 from serve.settings import ServeSettings
+from serve.shape import app_shape, base_batching
 from tests.serve_helpers import InstrumentedModel, RecordingMetrics
 
 pytestmark = pytest.mark.unit
@@ -74,11 +74,11 @@ def test_reconfigure_reaches_the_engine_and_the_model_batches(tiny_model):
         assert max(metrics.batch_pairs.values) <= 3
         await reconfigure(replica, {"unknown_knob": 1})
         assert engine.batching.max_batch_pairs == 3  # a refused config changes nothing
-        assert "unknown_knob" in (await replica.service.ranker.refused_configs())["stage1"]
+        assert "unknown_knob" in (await replica.service.ranker.health_check())["stage1"]
         assert metrics.config_refused.values == [1]
         await reconfigure(replica, {"max_pending_pairs": 60})  # a key left out: back to its setting
         assert (engine.batching.max_batch_pairs, engine.batching.max_pending_pairs) == (1024, 60)
-        assert await replica.service.ranker.refused_configs() == {}
+        assert await replica.service.ranker.health_check() == {}
 
     asyncio.run(scenario())
 
@@ -283,19 +283,36 @@ def test_a_document_truncated_by_several_stages_counts_once(tiny_model, larger_m
     assert ranked.truncated.tolist() == [bool(i % 2) for i in range(10)]
 
 
+@pytest.mark.parametrize(
+    "replica_env",
+    [
+        {"RERANK_CASCADE": "cascade"},  # a GPU stage 2 that would silently run in the CPU replica
+        {"RERANK_CASCADE": "cascade", "RERANK_CASCADE_LAYOUT": "deployment_per_stage"},
+    ],
+)
 def test_a_replica_whose_settings_make_another_app_refuses_to_start(
-    tiny_model_dir, larger_model_dir, monkeypatch
+    tiny_model_dir, larger_model_dir, monkeypatch, replica_env
 ):
-    """The build saw no cascade (one replica); a replica whose env adds a per-stage cascade refuses to start
-    with one line, instead of silently running the stages in the wrong place."""
+    """The build saw no cascade (one replica); a replica whose env adds one (or a per-stage layout) refuses
+    to start with one line, instead of silently running the stages in the wrong place."""
     args = {"model": str(tiny_model_dir)}
     built = app_shape(ServeSettings.load(file_values=args))
     cascade = [{"model": str(tiny_model_dir), "rerank_count": 2}, {"model": str(larger_model_dir), "gpus": 1}]
-    monkeypatch.setenv("RERANK_CASCADE", json.dumps(cascade))
-    monkeypatch.setenv("RERANK_CASCADE_LAYOUT", "deployment_per_stage")
+    for name, value in replica_env.items():
+        monkeypatch.setenv(name, json.dumps(cascade) if value == "cascade" else value)
     with pytest.raises(ConfigError, match="where the app is built") as caught:
         serve_app.replica_service(args, None, (), built)
     assert "\n" not in str(caught.value)
+
+
+def test_a_stage_resource_set_only_in_a_replica_refuses_it(tiny_model_dir, larger_model_dir, monkeypatch):
+    """A per-stage cascade built with stage 2 on CPUs; a replica whose env gives stage 2 a GPU refuses."""
+    cascade = [{"model": str(tiny_model_dir), "rerank_count": 2}, {"model": str(larger_model_dir)}]
+    args = {"cascade": cascade, "cascade_layout": "deployment_per_stage"}
+    built = app_shape(ServeSettings.load(file_values=args))
+    monkeypatch.setenv("RERANK_CASCADE", json.dumps([cascade[0], {**cascade[1], "gpus": 1}]))
+    with pytest.raises(ConfigError, match="where the app is built"):
+        serve_app.check_shape(ServeSettings.load(file_values=args), built)
 
 
 def test_stage_resources_ignored_in_one_replica_are_warned_about(tiny_model_dir, larger_model_dir, caplog):

@@ -23,13 +23,13 @@ def calls(monkeypatch):
 
     monkeypatch.setattr(launcher, "start_local_ray", start_local_ray)
     monkeypatch.setattr(
-        launcher, "start_serve_on_this_machine", lambda http, location: seen.setdefault("http", http)
+        launcher, "start_serve_on_this_machine", lambda config, http: seen.setdefault("http", http)
     )
     monkeypatch.setattr(scripts.run, "main", lambda args, prog_name: seen.setdefault("serve_run", args))
     monkeypatch.setattr(
         launcher, "SHIPPED_RAY_SERVE_ENV", {"RAY_SERVE_OPTION_A": "1", "RAY_SERVE_OPTION_B": "1"}
     )
-    for name in ("RAY_ADDRESS", "RAY_SERVE_OPTION_A", "RAY_SERVE_OPTION_B"):
+    for name in ("RAY_ADDRESS", "RAY_SERVE_OPTION_A", "RAY_SERVE_OPTION_B", "RERANK_PROXY_BUFFER_BYTES"):
         monkeypatch.delenv(name, raising=False)
     return seen
 
@@ -95,3 +95,17 @@ def test_a_bad_user_config_is_one_line_before_anything_starts(calls, tmp_path, c
     assert exited.value.code == 2 and "env_at_start" not in calls
     error = capsys.readouterr().err.strip()
     assert "deployment 'Reranker': user_config: max_batch_pairs" in error and "\n" not in error
+
+
+def test_a_small_max_body_bytes_caps_the_proxys_retry_buffer(calls, tmp_path, capsys):
+    """The proxy reads its buffer cap from Ray's env, never from the config's args: a laptop run sets it to
+    the service's max_body_bytes; `check` warns for clusters, where it is the operator's to set."""
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "applications:\n  - name: rerank\n    import_path: serve.app:build_app\n"
+        "    args: {model: m, max_body_bytes: 4096}\n"
+    )
+    launcher.main(["check", str(config)])
+    assert "below the proxy's retry buffer" in capsys.readouterr().err
+    launcher.main([str(config)])
+    assert calls["env_at_start"]["RERANK_PROXY_BUFFER_BYTES"] == "4096"

@@ -34,12 +34,25 @@ def base_batching(settings: ServeSettings, number: int) -> BatchingConfig:
 
 
 def app_shape(settings: ServeSettings) -> dict[str, Any]:
-    """The deployments the settings make: the layout, and each stage deployment's name (if any)."""
+    """The deployments the settings make: the layout, and a cascade's stages with their resources.
+
+    Compared between the build and each replica (``check_shape``), so a cascade, a layout or a stage's
+    ``cpus`` / ``gpus`` set only in the replicas' env, which the build never saw, is refused.
+    """
     per_stage = bool(settings.cascade.cascade) and settings.serving.cascade_layout == "deployment_per_stage"
+    stages = [
+        {"name": name, "cpus": stage.cpus, "gpus": stage.gpus}
+        for name, stage in zip(stage_names(settings.stages), settings.stages, strict=True)
+    ]
     return {
         "layout": "deployment_per_stage" if per_stage else "one_replica",
-        "stages": stage_names(settings.stages) if per_stage else [],
+        "stages": stages if settings.cascade.cascade else [],
     }
+
+
+def stage_deployments(shape: Mapping[str, Any]) -> list[str]:
+    """The stage names that have a deployment of their own in this shape (none in one_replica)."""
+    return [stage["name"] for stage in shape["stages"]] if shape["layout"] == "deployment_per_stage" else []
 
 
 def check_shape(settings: ServeSettings, built: Mapping[str, Any] | None) -> None:
@@ -52,8 +65,8 @@ def check_shape(settings: ServeSettings, built: Mapping[str, Any] | None) -> Non
     if built is not None and app_shape(settings) != dict(built):
         raise ConfigError(
             f"this replica's settings make {app_shape(settings)} but the app was built as {dict(built)}: "
-            "set cascade and cascade_layout where the app is built (the Serve config's args, or the env "
-            "of the process that builds it), not only in the replicas' env"
+            "set cascade (with each stage's cpus/gpus) and cascade_layout where the app is built (the Serve "
+            "config's args, or the env of the process that builds it), not only in the replicas' env"
         )
 
 
