@@ -35,9 +35,20 @@ def by_query(path: Path) -> pa.Table:
     return table.sort_by([("qid", "ascending"), ("rank", "ascending")])
 
 
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory, pairs, tiny_model_dir, larger_model_dir, ray_session) -> dict[str, Path]:
+    """Each model of the cascade run alone on the same pairs (ranked), once for the module."""
+    outputs = {}
+    for name, model in (("s1", tiny_model_dir), ("s2", larger_model_dir)):
+        outputs[name] = tmp_path_factory.mktemp("alone") / name
+        args = ["--input", str(pairs), "--output", str(outputs[name]), "--model", str(model), "--rank"]
+        assert run_job(*args) == 0
+    return outputs
+
+
 @pytest.mark.usefixtures("ray_session")
 def test_k_equal_to_the_group_size_is_stage_2_alone(
-    tmp_path, pairs, tiny_model_dir, larger_model_dir, capsys
+    tmp_path, pairs, tiny_model_dir, larger_model_dir, capsys, alone
 ):
     """Every candidate reaches stage 2: final scores and order equal stage 2 run alone, with --rank. The
     output sits under a partition-like path (dt=.../): its files hold the input's columns and the job's,
@@ -45,32 +56,20 @@ def test_k_equal_to_the_group_size_is_stage_2_alone(
     flag = cascade(tiny_model_dir, larger_model_dir, GROUP_SIZE)
     output = tmp_path / "dt=2025-06-01" / "c"
     assert run_job("--input", str(pairs), "--output", str(output), "--cascade", flag) == 0
-    assert (
-        run_job(
-            "--input",
-            str(pairs),
-            "--output",
-            str(tmp_path / "s2"),
-            "--model",
-            str(larger_model_dir),
-            "--rank",
-        )
-        == 0
-    )
     assert "pairs per stage 1332/1332" in capsys.readouterr().out.splitlines()[0]
-    ours, alone = by_query(output), by_query(tmp_path / "s2")
-    assert ours.column_names == [*alone.column_names[:-2], "score_stage1", "score_stage2", "score", "rank"]
+    ours, second = by_query(output), by_query(alone["s2"])
     added = ["score_stage1", "score_stage2", "score", "rank"]
+    assert ours.column_names == [*second.column_names[:-2], *added]
     columns = [*pq.read_schema(pairs / "pairs-0.parquet").names, *added]
     files = [path for path in output.iterdir() if not path.name.startswith("_")]
     assert files and all(pq.read_schema(path).names == columns for path in files)
-    assert ours.select(["qid", "pid", "rank"]).equals(alone.select(["qid", "pid", "rank"]))
-    np.testing.assert_allclose(ours["score"].to_numpy(), alone["score"].to_numpy(), atol=1e-5)
+    assert ours.select(["qid", "pid", "rank"]).equals(second.select(["qid", "pid", "rank"]))
+    np.testing.assert_allclose(ours["score"].to_numpy(), second["score"].to_numpy(), atol=1e-5)
 
 
 @pytest.mark.usefixtures("ray_session")
 def test_stage_scores_equal_each_model_alone_and_the_rest_keep_stage_1_order(
-    tmp_path, pairs, tiny_model_dir, larger_model_dir
+    tmp_path, pairs, tiny_model_dir, larger_model_dir, alone
 ):
     """k=5: stage-1 scores equal stage 1 alone, stage-2 scores equal stage 2 alone on the 5 best rows;
     the rest follow, in stage-1 order, with a null stage-2 score and, as final score, their stage-1 score,
@@ -78,12 +77,7 @@ def test_stage_scores_equal_each_model_alone_and_the_rest_keep_stage_1_order(
     k = 5
     flag = cascade(tiny_model_dir, larger_model_dir, k)
     assert run_job("--input", str(pairs), "--output", str(tmp_path / "c"), "--cascade", flag) == 0
-    for name, model in (("s1", tiny_model_dir), ("s2", larger_model_dir)):
-        assert (
-            run_job("--input", str(pairs), "--output", str(tmp_path / name), "--model", str(model), "--rank")
-            == 0
-        )
-    ours, first, second = (by_query(tmp_path / name) for name in ("c", "s1", "s2"))
+    ours, first, second = by_query(tmp_path / "c"), by_query(alone["s1"]), by_query(alone["s2"])
     keyed = {(row["qid"], row["pid"]): row for row in ours.to_pylist()}
     for row in first.to_pylist():
         assert keyed[row["qid"], row["pid"]]["score_stage1"] == pytest.approx(row["score"], abs=1e-5)

@@ -21,16 +21,42 @@ DOCS = ["solar panels convert sunlight", "bananas are yellow", "the sun makes en
 
 
 def deploy(model_dir, user_config):
-    """The shipped deployment with args alone from the "config" and the API key only in the replica's env."""
-    from ray import serve
+    """The shipped app as `serve deploy` sends it (import path and args; a user_config change alone
+    reconfigures the running replicas), with the API key only in the replicas' env."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import Reranker
+    replica_env = {"env_vars": {"RERANK_API_KEY": "sekret"}}
+    deployment = {
+        "name": "Reranker",
+        "num_replicas": 1,
+        "ray_actor_options": {"num_cpus": 0.1, "runtime_env": replica_env},
+        "user_config": user_config,
+    }
+    application = {
+        "name": "rerank",
+        "route_prefix": "/",
+        "import_path": "serve.app:build_app",
+        "args": {"model": str(model_dir)},
+        "deployments": [deployment],
+    }
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [application]}))
 
-    deployment = Reranker.options(
-        ray_actor_options={"num_cpus": 0.1, "runtime_env": {"env_vars": {"RERANK_API_KEY": "sekret"}}},
-        user_config=user_config,
-    )
-    serve.run(deployment.bind({"model": str(model_dir)}), name="rerank", route_prefix="/")
+
+def wait_for(condition, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.25)
+
+
+def health(url):
+    """/health's answer, or None while nothing answers it yet."""
+    try:
+        response = requests.get(url + "/health", timeout=5)
+    except requests.RequestException:
+        return None
+    return response.json() if response.status_code == 200 else None
 
 
 def replica_batching():
@@ -48,6 +74,7 @@ def server(tiny_model_dir):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy(tiny_model_dir, {"max_batch_pairs": 8, "batch_wait_timeout_s": 0.01})
+    wait_for(lambda: health(f"http://127.0.0.1:{port}") is not None)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -106,7 +133,8 @@ def test_lowering_the_cap_under_load_fails_no_request(server, tiny_model_dir, ti
     time.sleep(0.5)
     deploy(tiny_model_dir, {"max_batch_pairs": 1, "batch_wait_timeout_s": 0.01})
     changed_at = len(answers)
-    time.sleep(1.0)
+    wait_for(lambda: replica_batching()["max_batch_pairs"] == 1)
+    time.sleep(0.5)
     stop.set()
     for thread in threads:
         thread.join(timeout=30)
@@ -115,3 +143,20 @@ def test_lowering_the_cap_under_load_fails_no_request(server, tiny_model_dir, ti
     for index, status, payload in answers:
         assert status == 200, payload
         np.testing.assert_allclose(payload["scores"], expected[index], atol=1e-5)
+
+
+def test_a_bad_user_config_is_refused_and_the_replica_keeps_serving(server, tiny_model_dir):
+    """A user_config every replica must refuse (Ray stops a replica whose reconfigure raises, and its
+    replacements fail the same way: an outage): the running replica keeps its batching and answers,
+    /health names the refusal, and a good user_config clears it, all without a restart."""
+    deploy(tiny_model_dir, {"max_batch_pairs": 8, "batch_wait_timeout_s": 0.01})
+    wait_for(lambda: replica_batching()["max_batch_pairs"] == 8)
+    before = replica_batching()
+    deploy(tiny_model_dir, {"max_batch_pairs": 0, "batch_wait_timeout_s": 0.5})
+    wait_for(lambda: bool((health(server) or {}).get("config_refused")))
+    assert "max_batch_pairs" in health(server)["config_refused"]["stage1"]
+    assert replica_batching() == before  # the same replica (a new one would have the settings' 1024)
+    assert post(server, "/v1/rerank", {"query": QUERY, "documents": DOCS}).status_code == 200
+    deploy(tiny_model_dir, {"max_batch_pairs": 4})
+    wait_for(lambda: health(server) == {"status": "ok"})
+    assert replica_batching()["max_batch_pairs"] == 4
