@@ -25,7 +25,16 @@ MANIFEST_NAME = "_rescore_job.json"
 FORMAT_VERSION = 2
 
 
-SCORING_FIELDS = {"model", "revision", "precision", "max_length", "activation"}
+SCORING_FIELDS = {
+    "model",
+    "revision",
+    "precision",
+    "max_length",
+    "activation",
+    "instruction",
+    "true_token",
+    "false_token",
+}
 STAGE_FIELDS = {*SCORING_FIELDS, "name", "rerank_count"}
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from reranker.encoders import pair_encoder
 from reranker.settings import ModelOptions
-from reranker.tokenizer import EncodedPairs, PairTokenizer
+from reranker.tokenizer import EncodedPairs, PairEncoder
 
 if TYPE_CHECKING:
     from reranker.model import CrossEncoderModel
@@ -29,9 +30,9 @@ def valid_text_mask(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def tokenizer_for(settings: ModelOptions) -> PairTokenizer:
-    """One tokenizer per worker process and settings, so a task doesn't reload it."""
-    return PairTokenizer(settings)
+def tokenizer_for(settings: ModelOptions) -> PairEncoder:
+    """One pair encoder per worker process and settings (the model family's, no weights), loaded once."""
+    return pair_encoder(settings)
 
 
 def tokenize_task_env(io_cpus: float) -> dict[str, Any]:
@@ -44,22 +45,24 @@ def tokenize_task_env(io_cpus: float) -> dict[str, Any]:
 
 
 def tokenize_table(
-    tokenizer: PairTokenizer,
+    tokenizer: PairEncoder,
     table: pa.Table,
     query_column: str,
     passage_column: str,
     selected: pa.ChunkedArray | pa.Array | None = None,
+    instruction: str | None = None,
 ) -> pa.Table:
     """Token ids of each row's pair: a null list where the query or passage is null or blank.
 
     With ``selected`` (bools), rows where it is not true get a null list too (not scored).
+    ``instruction`` goes to a model that takes one (the model settings' ``instruction``).
     """
     queries, passages = table.column(query_column), table.column(passage_column)
     valid = valid_text_mask(queries) & valid_text_mask(passages)
     if selected is not None:
         valid &= np.asarray(pc.fill_null(selected, False).to_numpy(zero_copy_only=False), dtype=bool)
     encoded = tokenizer.tokenize(
-        pc.filter(queries, valid).to_pylist(), pc.filter(passages, valid).to_pylist()
+        pc.filter(queries, valid).to_pylist(), pc.filter(passages, valid).to_pylist(), instruction=instruction
     )
     lengths = np.zeros(table.num_rows, dtype=np.int64)
     lengths[valid] = encoded.lengths

@@ -158,7 +158,10 @@ def tokenize_rows(
     With ``select_column`` (a bool column), only the rows where it is true are tokenized (and scored).
     """
     selected = None if select_column is None else batch.column(select_column)
-    tokens = tokenize_table(tokenizer_for(model_options), batch, query_column, passage_column, selected)
+    tokenizer = tokenizer_for(model_options)
+    tokens = tokenize_table(
+        tokenizer, batch, query_column, passage_column, selected, model_options.instruction
+    )
     for name in tokens.column_names:
         batch = batch.append_column(TOKEN_COLUMNS[name], tokens.column(name))
     return batch

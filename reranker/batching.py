@@ -37,20 +37,31 @@ def plan_batches(lengths: np.ndarray, max_batch_tokens: int, max_batch_pairs: in
     return batches
 
 
-def pad_batch(values: np.ndarray, offsets: np.ndarray, batch: np.ndarray, pad_value: int) -> np.ndarray:
-    """Right-pad the rows ``batch`` of a flat ragged array into one int64 matrix.
+def pad_batch(
+    values: np.ndarray, offsets: np.ndarray, batch: np.ndarray, pad_value: int, left: bool = False
+) -> np.ndarray:
+    """Pad the rows ``batch`` of a flat ragged array into one int64 matrix.
 
     Args:
         values: Every row's values, concatenated.
         offsets: Row ``i`` is ``values[offsets[i]:offsets[i + 1]]``.
         batch: Row numbers to take, in matrix order.
-        pad_value: Fill for positions past a row's end.
+        pad_value: Fill for positions past a row's end (before its start with ``left``).
+        left: Pad on the left, as causal LMs need (the last position is each row's last token).
 
     """
     starts, lengths = offsets[batch], offsets[batch + 1] - offsets[batch]
     width = int(lengths.max(initial=1))
-    positions = np.arange(width)
-    inside = positions < lengths[:, None]
+    inside = attention_mask(lengths, left).astype(bool)
+    positions = np.arange(width) - (width - lengths[:, None] if left else 0)
     matrix = np.full((len(batch), width), pad_value, dtype=np.int64)
     matrix[inside] = values[(starts[:, None] + positions)[inside]]
     return matrix
+
+
+def attention_mask(lengths: np.ndarray, left: bool = False) -> np.ndarray:
+    """1 where a padded row (padded on the right, or the left) holds one of its ``lengths`` tokens."""
+    width = int(lengths.max(initial=1))
+    positions = np.arange(width)
+    inside = positions >= width - lengths[:, None] if left else positions < lengths[:, None]
+    return inside.astype(np.int64)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from reranker.errors import ModelLoadError
+from reranker.errors import ConfigError, ModelLoadError
 from reranker.settings import ModelOptions
 
 logger = logging.getLogger(__name__)
@@ -69,13 +69,18 @@ def check_loadable(settings: ModelOptions) -> None:
     """Fail fast, e.g. on a job's driver before any worker starts, if the model can't be used.
 
     Reads the config, the tokenizer and the checkpoint's tensor names (file headers, not weights):
-    a local directory must hold weights, the head must have 1 or 2 labels, and the checkpoint must
-    hold the classification head's weights.
+    a local directory must hold weights, a classification head must have 1 or 2 labels and be in
+    the checkpoint. A sentence-transformers model (``reranker.families``) is also built without its
+    weights and prepares a probe pair: a chat template that cannot carry a query and a document, a
+    causal LM without one (not a reranker), or score tokens it does not have are refused here.
 
     Raises:
-        ModelLoadError: Unknown id, no network, no weights, not a reranker head, or an untrained head.
+        ModelLoadError: Unknown id, no network, no weights, not a reranker, or an untrained head.
+        ConfigError: An instruction for a model that takes none, or unknown true/false tokens.
     """
     from transformers import AutoConfig, AutoTokenizer  # here: importing the module stays torch-free
+
+    from reranker.families import SEQUENCE_CLASSIFICATION, model_family
 
     options = hub_options(settings)
     try:
@@ -90,10 +95,50 @@ def check_loadable(settings: ModelOptions) -> None:
             f"cannot load model {settings.model!r}: the directory has no weights "
             f"({', '.join(WEIGHT_FILES[::2])})"
         )
-    check_labels(settings.model, config.num_labels)
+    classifier = model_family(settings) == SEQUENCE_CLASSIFICATION
+    if classifier:
+        _check_text_pair_options(settings)
+    else:
+        _check_prepares_pairs(settings)
+    architecture = (getattr(config, "architectures", None) or [""])[0]
+    if classifier or architecture.endswith("ForSequenceClassification"):
+        check_labels(settings.model, config.num_labels)  # (an LLM's lm_head, a module chain's Dense: theirs)
+        _check_head_trained(settings, config)
+
+
+def _check_text_pair_options(settings: ModelOptions) -> None:
+    """A plain text-pair classifier has no prompt and reads no token logits.
+
+    Raises:
+        ConfigError: An instruction, or true/false tokens, were set for it.
+    """
+    if settings.instruction is not None:
+        raise ConfigError(f"instruction: model {settings.model!r} takes none (a classifier of text pairs)")
+    if settings.true_token is not None or settings.false_token is not None:
+        raise ConfigError(f"true_token / false_token: model {settings.model!r} reads no token logits")
+
+
+def _check_prepares_pairs(settings: ModelOptions) -> None:
+    """Build the sentence-transformers model without weights and prepare a probe pair with it.
+
+    Raises:
+        ModelLoadError: It cannot prepare a query-document pair (see ``TemplatePairEncoder``).
+        ConfigError: An instruction for a model that takes none.
+    """
+    from reranker.encoders import pair_encoder
+
+    encoder = pair_encoder(settings)
+    if settings.instruction is not None and not encoder.takes_instruction:
+        raise ConfigError(f"instruction: model {settings.model!r} takes none (its input has no prompt)")
+
+
+def _check_head_trained(settings: ModelOptions, config: Any) -> None:
+    """Refuse a classifier whose head is not in its checkpoint (transformers would make it random)."""
     present = checkpoint_tensor_names(settings)
     if present is None:
-        logger.info("%s: checkpoint names not readable from headers; the head is checked at load", local)
+        logger.info(
+            "%s: checkpoint names not readable from headers; the head is checked at load", settings.model
+        )
         return
     missing = head_parameter_names(config, settings.trust_remote_code) - present
     if missing:
@@ -127,6 +172,30 @@ def checkpoint_tensor_names(settings: ModelOptions) -> set[str] | None:
         metadata = get_safetensors_metadata(settings.model, revision=settings.revision)
         return set(metadata.weight_map)
     return None
+
+
+def model_file(settings: ModelOptions, name: str) -> Path | None:
+    """One file of the model, from its directory or the hub (at its revision); None when it has none.
+
+    A hub model's file is downloaded (a few KB: configs, templates) or read from the cache offline; a
+    file the cache cannot answer for offline counts as absent.
+
+    Raises:
+        ModelLoadError: The model itself can't be reached (unknown id, no network and not cached).
+    """
+    local = Path(settings.model)
+    if local.is_dir():
+        return local / name if (local / name).is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        with _hub_warnings_silenced():
+            return Path(hf_hub_download(settings.model, name, revision=settings.revision))
+    except EntryNotFoundError:  # the repository has no such file (or, offline, the cache has none)
+        return None
+    except (OSError, ValueError) as exc:  # no such model, a malformed id, no network
+        raise ModelLoadError(load_failure_message(settings.model, exc)) from exc
 
 
 def _local_file(settings: ModelOptions, name: str) -> Path | None:

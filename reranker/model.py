@@ -4,6 +4,11 @@ Pipeline per call: tokenize all pairs once (truncating to ``max_length``) -> pla
 batches -> forward each batch -> post-process (relevance logit, the call's activation) -> input order.
 Only this class touches the tokenizer and the weights; every per-call option is an argument, so
 concurrent callers (the requests of a service) never change each other's results.
+
+One class, two families behind it (``reranker.families``): plain sequence classifiers tokenized by
+``PairTokenizer`` and run by the Hugging Face model (BERT: the exact [CLS]-only last layer), and what
+sentence-transformers defines beyond them (LLM yes/no rerankers, templated classifiers, module chains),
+prepared and run by its ``CrossEncoder`` (``reranker.st_backend``).
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from reranker.batching import pad_batch, plan_batches
+from reranker.batching import attention_mask, pad_batch, plan_batches
 from reranker.cls_forward import build_cls_forward
 from reranker.errors import ConfigError, ModelLoadError
+from reranker.families import SEQUENCE_CLASSIFICATION, model_family
 from reranker.loading import check_labels, hub_options, load_failure_message, untrained_weights_message
 from reranker.scores import sigmoid
 from reranker.settings import DEFAULT_MODEL, ModelOptions, describe_validation_error
-from reranker.tokenizer import EncodedPairs, PairTokenizer
+from reranker.tokenizer import EncodedPairs, PairEncoder, PairTokenizer
 from reranker.types import Activation, Precision, TruncationSide
 
 logger = logging.getLogger(__name__)
@@ -100,6 +106,9 @@ class CrossEncoderModel:
         torch_threads: int | None = None,
         cls_only_last_layer: bool = True,
         trust_remote_code: bool = False,
+        instruction: str | None = None,
+        true_token: str | None = None,
+        false_token: str | None = None,
     ) -> None:
         """Load the tokenizer and the weights once; every option is fixed from here on.
 
@@ -120,6 +129,10 @@ class CrossEncoderModel:
             torch_threads: Set torch's intra-op threads (process-wide) to this.
             cls_only_last_layer: Run the last layer at [CLS] only (exact; BERT-family models).
             trust_remote_code: Allow custom model code from the hub.
+            instruction: The task description for a model that takes one (an LLM reranker's system
+                prompt); a call may pass another. Default: the model's own.
+            true_token: LLM rerankers: the token whose logit means relevant (default: the model's).
+            false_token: LLM rerankers: the token whose logit means irrelevant (default: the model's).
 
         Raises:
             ModelLoadError: The model can't be found or read, or has no trained reranker head.
@@ -138,6 +151,9 @@ class CrossEncoderModel:
                 torch_threads=torch_threads,
                 cls_only_last_layer=cls_only_last_layer,
                 trust_remote_code=trust_remote_code,
+                instruction=instruction,
+                true_token=true_token,
+                false_token=false_token,
             )
         except pydantic.ValidationError as exc:
             raise ConfigError(describe_validation_error(exc)) from None
@@ -154,10 +170,12 @@ class CrossEncoderModel:
         self.dtype = resolve_dtype(settings.precision, self.device)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        self.model = _load_weights(settings, self.dtype)
-        self.model.to(self.device).eval()
-        self._logits = self._pick_forward(settings)
-        self.pair_tokenizer = PairTokenizer(settings, self.model.config)
+        self.family = model_family(settings)
+        if self.family == SEQUENCE_CLASSIFICATION:
+            self._load_classifier(settings)
+        else:
+            self._load_sentence_transformers(settings)
+        self._pad_left = self.pair_tokenizer.padding_side == "left"
         self.max_length = self.pair_tokenizer.max_length
         self.max_batch_tokens = settings.max_batch_tokens or default_batch_tokens(self.device)
         self._pin_memory = self.device.type == "cuda"
@@ -165,10 +183,38 @@ class CrossEncoderModel:
             "loaded %s on %s (%s), max_length=%d", self.name, self.device, self.dtype, self.max_length
         )
 
+    def _load_classifier(self, settings: ModelOptions) -> None:
+        """A plain sequence classifier: the Hugging Face model and ``PairTokenizer``."""
+        self.model = _load_weights(settings, self.dtype)
+        self.model.to(self.device).eval()
+        self._logits = self._pick_forward(settings)
+        self.pair_tokenizer: PairEncoder = PairTokenizer(settings, self.model.config)
+        self.kind = "sequence-classification"
+
+    def _load_sentence_transformers(self, settings: ModelOptions) -> None:
+        """What sentence-transformers defines: its ``CrossEncoder``, its preparation, its modules."""
+        from reranker.st_backend import (
+            SentenceTransformersScorer,
+            TemplatePairEncoder,
+            load_cross_encoder,
+            model_kind,
+        )
+
+        self.model = load_cross_encoder(settings, str(self.device), self.dtype)
+        encoder = TemplatePairEncoder(self.model, settings)
+        self.pair_tokenizer = encoder
+        self._logits = SentenceTransformersScorer(self.model, encoder)
+        self.kind = model_kind(self.model)
+
     @property
     def name(self) -> str:
         """The model id or path it was loaded from."""
         return self.settings.model
+
+    @property
+    def takes_instruction(self) -> bool:
+        """Whether an instruction changes what the model scores (an LLM reranker's prompt)."""
+        return self.pair_tokenizer.takes_instruction
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -182,23 +228,26 @@ class CrossEncoderModel:
         max_length: int | None = None,
         truncation_side: TruncationSide = "right",
         max_passage_tokens: int | None = None,
+        instruction: str | None = None,
     ) -> EncodedPairs:
-        """Tokenize pairs; see ``PairTokenizer.tokenize``."""
+        """Tokenize pairs; see ``PairTokenizer.tokenize`` (``instruction``: default, the model's)."""
         return self.pair_tokenizer.tokenize(
-            queries, passages, max_length, truncation_side, max_passage_tokens
+            queries,
+            passages,
+            max_length,
+            truncation_side,
+            max_passage_tokens,
+            instruction if instruction is not None else self.settings.instruction,
         )
 
     @torch.inference_mode()
     def forward(self, encoded: EncodedPairs, batch: np.ndarray) -> np.ndarray:
         """Run one padded batch and return its relevance logits as float32."""
-        input_ids = pad_batch(encoded.input_ids, encoded.offsets, batch, self.pair_tokenizer.pad_id)
-        lengths = encoded.lengths[batch]
-        inputs = {
-            "input_ids": input_ids,
-            "attention_mask": (np.arange(input_ids.shape[1]) < lengths[:, None]).astype(np.int64),
-        }
+        left = self._pad_left
+        input_ids = pad_batch(encoded.input_ids, encoded.offsets, batch, self.pair_tokenizer.pad_id, left)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask(encoded.lengths[batch], left)}
         if encoded.token_type_ids is not None:
-            inputs["token_type_ids"] = pad_batch(encoded.token_type_ids, encoded.offsets, batch, 0)
+            inputs["token_type_ids"] = pad_batch(encoded.token_type_ids, encoded.offsets, batch, 0, left)
         logits = self._logits(**{key: self._to_device(value) for key, value in inputs.items()})
         return _relevance_logit(logits).float().cpu().numpy()
 
@@ -223,17 +272,18 @@ class CrossEncoderModel:
         truncation_side: TruncationSide = "right",
         activation: Activation | None = None,
         max_batch_pairs: int | None = None,
+        instruction: str | None = None,
     ) -> ScoreResult:
         """Score pairs ``(queries[i], passages[i])``; scores come back float32 in input order.
 
-        ``activation`` (raw logits "none", or "sigmoid") and ``max_batch_pairs`` default to the
-        model's; they apply to this call alone.
+        ``activation`` (raw logits "none", or "sigmoid"), ``max_batch_pairs`` and ``instruction``
+        default to the model's; they apply to this call alone.
         """
         if len(queries) != len(passages):
             raise ValueError("queries and passages must have the same length")
         if not len(queries):
             return ScoreResult(np.empty(0, dtype=np.float32), 0, 0)
-        encoded = self.tokenize(queries, passages, max_length, truncation_side)
+        encoded = self.tokenize(queries, passages, max_length, truncation_side, instruction=instruction)
         return ScoreResult(
             self.score_encoded(encoded, max_batch_pairs=max_batch_pairs, activation=activation),
             int(encoded.lengths.sum()),
@@ -257,7 +307,11 @@ class CrossEncoderModel:
 
     @overload
     def predict(
-        self, inputs: tuple[str, str], batch_size: int | None = None, activation: Activation | None = None
+        self,
+        inputs: tuple[str, str],
+        batch_size: int | None = None,
+        activation: Activation | None = None,
+        instruction: str | None = None,
     ) -> np.float32: ...
 
     @overload
@@ -266,6 +320,7 @@ class CrossEncoderModel:
         inputs: Sequence[tuple[str, str]],
         batch_size: int | None = None,
         activation: Activation | None = None,
+        instruction: str | None = None,
     ) -> np.ndarray: ...
 
     def predict(
@@ -273,6 +328,7 @@ class CrossEncoderModel:
         inputs: tuple[str, str] | Sequence[tuple[str, str]],
         batch_size: int | None = None,
         activation: Activation | None = None,
+        instruction: str | None = None,
     ) -> np.ndarray | np.float32:
         """Score ``(query, passage)`` pairs, like ``CrossEncoder.predict``.
 
@@ -280,6 +336,8 @@ class CrossEncoderModel:
             inputs: A list of pairs, or one pair.
             batch_size: Pairs per forward pass at most (batches are also cut by ``max_batch_tokens``).
             activation: "none" (raw logits) or "sigmoid"; default: the model's.
+            instruction: The task description for a model that takes one (``CrossEncoder``'s
+                ``prompt``); default: the model's.
 
         Returns:
             float32 scores in input order; a single float32 for a single pair.
@@ -287,7 +345,9 @@ class CrossEncoderModel:
         single = _is_pair(inputs)
         pairs: Sequence[tuple[str, str]] = [inputs] if single else inputs  # type: ignore[list-item,assignment]
         queries, passages = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
-        scores = self.score(queries, passages, activation=activation, max_batch_pairs=batch_size).scores
+        scores = self.score(
+            queries, passages, activation=activation, max_batch_pairs=batch_size, instruction=instruction
+        ).scores
         return scores[0] if single else scores
 
     def rank(
@@ -298,13 +358,15 @@ class CrossEncoderModel:
         return_documents: bool = False,
         batch_size: int | None = None,
         activation: Activation | None = None,
+        instruction: str | None = None,
     ) -> list[dict[str, Any]]:
         """Rank documents for one query, like ``CrossEncoder.rank``; ties keep document order.
 
         Returns:
             Dicts with ``corpus_id`` and ``score`` (and ``text`` if asked), best first, ``top_k`` of them.
         """
-        scores = self.predict([(query, document) for document in documents], batch_size, activation)
+        pairs = [(query, document) for document in documents]
+        scores = self.predict(pairs, batch_size, activation, instruction)
         order = np.argsort(-scores, kind="stable")[:top_k]
         results: list[dict[str, Any]] = []
         for index in order:

@@ -119,6 +119,17 @@ class ModelOptions(BaseModel):
         description="Run the last layer at [CLS] only (exact, BERT-family; others: full forward).",
     )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+    instruction: str | None = Field(
+        None,
+        description="Task description for rerankers that take one (LLM rerankers' system prompt); default: "
+        "the model's own default.",
+    )
+    true_token: str | None = Field(
+        None, description="LLM rerankers: the token whose logit means relevant (default: the model's; yes)."
+    )
+    false_token: str | None = Field(
+        None, description="LLM rerankers: the token whose logit means irrelevant (default: the model's; no)."
+    )
 
 
 class ModelSettings(ModelOptions, SettingsSection):  # type: ignore[misc]  # both configs merge

@@ -10,17 +10,16 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from reranker.errors import ModelLoadError
+from reranker.errors import ConfigError, ModelLoadError
 from reranker.loading import hub_options, load_failure_message
 from reranker.settings import ModelOptions
 from reranker.types import TruncationSide
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+PreTrainedTokenizerBase = Any  # transformers' tokenizer; not imported here (the module stays light)
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +52,40 @@ class EncodedPairs:
         return [self.input_ids[a:b].tolist() for a, b in itertools.pairwise(self.offsets)]
 
 
+class PairEncoder(Protocol):
+    """The CPU half of a model family: (query, passage) pairs to token ids, with no weights loaded.
+
+    ``PairTokenizer`` (plain sequence classifiers) and ``reranker.st_backend.TemplatePairEncoder``
+    (what sentence-transformers defines) implement it; ``reranker.encoders.pair_encoder`` picks one.
+    """
+
+    max_length: int
+    pad_id: int
+    padding_side: str
+    takes_instruction: bool
+
+    @property
+    def tokenizer(self) -> Any: ...  # noqa: D102
+
+    def tokenize(  # noqa: D102
+        self,
+        queries: Sequence[str],
+        passages: Sequence[str],
+        max_length: int | None = None,
+        truncation_side: TruncationSide = "right",
+        max_passage_tokens: int | None = None,
+        instruction: str | None = None,
+    ) -> EncodedPairs: ...
+
+
 class PairTokenizer:
     """The model's tokenizer alone: what a CPU tokenization stage loads (no weights).
 
     Thread-safe: per-call truncation settings are applied under a lock.
     """
+
+    padding_side = "right"
+    takes_instruction = False  # a plain text-pair classifier has no prompt to put one in
 
     def __init__(self, settings: ModelOptions, config: Any | None = None) -> None:
         """Load the tokenizer (and the model config when not given, for its position limit).
@@ -87,6 +115,7 @@ class PairTokenizer:
         max_length: int | None = None,
         truncation_side: TruncationSide = "right",
         max_passage_tokens: int | None = None,
+        instruction: str | None = None,
     ) -> EncodedPairs:
         """Tokenize pairs, truncating the longer side first (at its end, or start if "left").
 
@@ -97,14 +126,21 @@ class PairTokenizer:
             truncation_side: Which end of a text truncation cuts.
             max_passage_tokens: Cut each passage to this many of its own tokens first (Cohere's
                 ``max_tokens_per_doc``), from the same side.
+            instruction: Refused: this family has no prompt (``takes_instruction`` is False).
+
+        Raises:
+            ConfigError: An instruction was given.
         """
+        if instruction is not None:
+            raise ConfigError("instruction: this model takes none (a sequence classifier of text pairs)")
         limit = min(max_length or self.max_length, self.max_length)
         with self._lock:
             default_side = self.tokenizer.truncation_side
             self.tokenizer.truncation_side = truncation_side
             try:
                 if max_passage_tokens is not None:  # no passage keeps more than max_length tokens anyway
-                    passages = self._cut_passages(passages, min(max_passage_tokens, self.max_length))
+                    cap = min(max_passage_tokens, self.max_length)
+                    passages = cut_passages(self.tokenizer, passages, cap)
                 queries, passages = list(queries), list(passages)
                 parts = (slice(i, i + _CHUNK_PAIRS) for i in range(0, len(queries), _CHUNK_PAIRS))
                 chunks = [  # the tokenizer's per-pair objects live for one chunk at a time
@@ -166,34 +202,33 @@ class PairTokenizer:
                 return None
         return backend
 
-    def _cut_passages(self, passages: Sequence[str], max_tokens: int) -> list[str]:
-        """Each passage cut to at most ``max_tokens`` of its own tokens, from the tokenizer's side.
 
-        The cut falls between whole words (a word split across the limit is left out), so the text
-        re-tokenizes to exactly the kept tokens.
-        """
-        if not self.tokenizer.is_fast:  # no offsets: rebuild the text from the kept tokens
-            ids = self.tokenizer(
-                list(passages), add_special_tokens=False, truncation=True, max_length=max_tokens
-            )
-            return self.tokenizer.batch_decode(ids["input_ids"])
-        encoding = self.tokenizer(
-            list(passages),
-            add_special_tokens=False,
-            truncation=True,
-            max_length=max_tokens + 1,  # one more token tells whether the limit splits a word
-            return_offsets_mapping=True,
-        )
-        from_left = self.tokenizer.truncation_side == "left"
-        cut = []
-        for index, text in enumerate(passages):
-            offsets, words = encoding["offset_mapping"][index], encoding.word_ids(index)
-            if len(offsets) <= max_tokens:
-                cut.append(text)
-                continue
-            kept = _whole_word_window(words, max_tokens, from_left)
-            cut.append(text[offsets[kept.start][0] : offsets[kept.stop - 1][1]] if kept else "")
-        return cut
+def cut_passages(tokenizer: PreTrainedTokenizerBase, passages: Sequence[str], max_tokens: int) -> list[str]:
+    """Each passage cut to at most ``max_tokens`` of its own tokens, from the tokenizer's side.
+
+    The cut falls between whole words (a word split across the limit is left out), so the text
+    re-tokenizes to exactly the kept tokens.
+    """
+    if not tokenizer.is_fast:  # no offsets: rebuild the text from the kept tokens
+        ids = tokenizer(list(passages), add_special_tokens=False, truncation=True, max_length=max_tokens)
+        return tokenizer.batch_decode(ids["input_ids"])
+    encoding = tokenizer(
+        list(passages),
+        add_special_tokens=False,
+        truncation=True,
+        max_length=max_tokens + 1,  # one more token tells whether the limit splits a word
+        return_offsets_mapping=True,
+    )
+    from_left = tokenizer.truncation_side == "left"
+    cut = []
+    for index, text in enumerate(passages):
+        offsets, words = encoding["offset_mapping"][index], encoding.word_ids(index)
+        if len(offsets) <= max_tokens:
+            cut.append(text)
+            continue
+        kept = _whole_word_window(words, max_tokens, from_left)
+        cut.append(text[offsets[kept.start][0] : offsets[kept.stop - 1][1]] if kept else "")
+    return cut
 
 
 def _flat_pairs(

@@ -250,3 +250,148 @@ def damage_data_page(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[start + 8 : start + 40] = b"\xff" * 32
     path.write_bytes(bytes(data))
+
+
+# A Qwen3-Reranker-style template: query, document and system (the instruction) roles.
+LLM_RERANKER_TEMPLATE = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+    'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+    '<Instruct>: {{ messages | selectattr("role", "eq", "system") | map(attribute="content") | first'
+    ' | default("Given a web search query, retrieve relevant passages that answer the query") }}\n'
+    '<Query>: {{ messages | selectattr("role", "eq", "query") | map(attribute="content") | first }}\n'
+    '<Document>: {{ messages | selectattr("role", "eq", "document") | map(attribute="content") | first }}'
+    "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+)
+PLAIN_CHAT_TEMPLATE = (  # a chat model's template: system / user / assistant only, no query or document
+    "{% for message in messages %}{% if message['role'] in ['system', 'user', 'assistant'] %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "<|im_start|>assistant\n"
+)
+
+
+def build_llm_tokenizer(template: str = LLM_RERANKER_TEMPLATE):  # type: ignore[no-untyped-def]
+    """A byte-level BPE tokenizer (as Qwen's) trained on a few lines, with ``yes`` / ``no`` tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["yes", "no", "yes no", "Judge whether the Document meets the requirements", *QUERIES, *PASSAGES]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(corpus * 5, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|im_end|>", model_max_length=256
+    )
+    tokenizer.chat_template = template
+    assert {"yes", "no"} <= set(tokenizer.get_vocab())
+    return tokenizer
+
+
+def _qwen3_config(tokenizer, **extra):  # type: ignore[no-untyped-def]
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.2,
+        **extra,
+    )
+
+
+def build_tiny_llm_reranker(
+    directory: Path, st_save: bool = True, template: str = LLM_RERANKER_TEMPLATE, seed: int = 0
+) -> Path:
+    """A Qwen3-style causal-LM yes/no reranker: saved by sentence-transformers (Transformer + LogitScore,
+    as Qwen3-Reranker's sentence-transformers revision is), or as a plain Hugging Face checkpoint with its
+    chat template (as the original repository is, which sentence-transformers reads with yes / no)."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    tokenizer = build_llm_tokenizer(template)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(_qwen3_config(tokenizer, tie_word_embeddings=True)).eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    if st_save:
+        from sentence_transformers import CrossEncoder
+
+        CrossEncoder(str(directory)).save_pretrained(str(directory))
+    return directory
+
+
+def build_tiny_templated_classifier(directory: Path, seed: int = 0) -> Path:
+    """A converted Qwen3 sequence classifier (one label) that still expects the reranker's chat template."""
+    import torch
+    from transformers import Qwen3ForSequenceClassification
+
+    tokenizer = build_llm_tokenizer()
+    torch.manual_seed(seed)
+    model = Qwen3ForSequenceClassification(_qwen3_config(tokenizer, num_labels=1)).eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_xlmr_classifier(directory: Path, seed: int = 0) -> Path:
+    """An XLM-R sequence classifier (one label) with a Unigram tokenizer and XLM-R's pair format."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    pieces = [(token, 0.0) for token in specials] + [(f"▁{word}", -1.0) for word in WORDS]
+    pieces += [(char, -5.0) for char in string.ascii_lowercase + string.digits + string.punctuation + "▁"]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=3))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+        pad_token="<pad>", unk_token="<unk>", model_max_length=64,
+    )  # fmt: skip
+    config = XLMRobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=70, num_labels=1, pad_token_id=1, initializer_range=0.2,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = XLMRobertaForSequenceClassification(config).eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_modular_cross_encoder(directory: Path, seed: int = 0) -> Path:
+    """A modular sentence-transformers cross-encoder, Transformer -> Pooling (CLS) -> Dense (1 score), over
+    the tiny BERT's encoder, saved by sentence-transformers (as the ettin rerankers are: no classifier)."""
+    import tempfile
+
+    import torch
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.base.modules import Dense, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    encoder = Transformer(
+        str(build_tiny_cross_encoder(Path(tempfile.mkdtemp()))), transformer_task="feature-extraction"
+    )
+    size = encoder.get_embedding_dimension()
+    dense = Dense(size, 1, activation_function=None, module_output_name="scores")
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(dense.linear.weight, std=0.5)
+    CrossEncoder(modules=[encoder, Pooling(size, pooling_mode="cls"), dense]).save_pretrained(str(directory))
+    return directory

@@ -159,7 +159,7 @@ def test_token_offsets_are_64_bit():
     from reranker.tokenizer import EncodedPairs
 
     class Tokenizer:
-        def tokenize(self, queries, passages):
+        def tokenize(self, queries, passages, instruction=None):
             lengths = np.full(len(queries), 3)
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             ids = np.arange(offsets[-1], dtype=np.int32)

@@ -15,37 +15,43 @@ pytestmark = pytest.mark.model
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 
 
-@pytest.fixture(scope="module", params=["bare-encoder", "causal-lm"])
+REFUSAL = {  # what each not-a-reranker checkpoint is refused for
+    "bare-encoder": "no trained reranker head: classifier.bias, classifier.weight",  # else random
+    "causal-lm": "is a causal LM without a chat template: not a reranker",  # nothing asks it to judge
+}
+
+
+@pytest.fixture(scope="module", params=sorted(REFUSAL))
 def headless(request, tmp_path_factory):
-    """A checkpoint transformers would load with a freshly initialized (random) classification head."""
+    """A checkpoint that is no reranker: a bare encoder (transformers would give it a random head), a
+    plain causal LM (sentence-transformers would read yes/no logits of an unprompted pair)."""
     directory = tmp_path_factory.mktemp(request.param) / "model"
     return request.param, build_headless_checkpoint(directory, request.param)
 
 
 def test_a_checkpoint_without_a_head_is_refused_on_the_driver(headless):
-    """check_loadable (the job's driver, no weights loaded) names the missing head weights in one line."""
+    """check_loadable (the job's driver, no weights loaded) says why in one line naming the model."""
     kind, directory = headless
     with pytest.raises(ModelLoadError) as error:
         check_loadable(ModelSettings(model=str(directory)))
-    missing = "classifier.weight" if kind == "bare-encoder" else "score.weight"
     message = str(error.value)
-    assert missing in message and "random" in message and str(directory) in message
+    assert REFUSAL[kind] in message and str(directory) in message
     assert len(message.splitlines()) == 1
 
 
 def test_the_model_class_refuses_a_random_head(headless):
-    """Loading the weights (library, service replica, job actor) refuses newly initialized weights."""
-    _, directory = headless
-    with pytest.raises(ModelLoadError, match="no trained reranker head"):
+    """Loading the weights (library, service replica, job actor) refuses it with the same reason."""
+    kind, directory = headless
+    with pytest.raises(ModelLoadError, match=REFUSAL[kind]):
         CrossEncoderModel(str(directory))
 
 
 def test_the_service_fails_to_start_with_that_line(headless):
-    """A replica built on a headless checkpoint fails in its constructor with the same one line."""
+    """A replica built on such a checkpoint fails in its constructor with the same one line."""
     from serve.app import replica_service
 
-    _, directory = headless
-    with pytest.raises(ModelLoadError, match="no trained reranker head"):
+    kind, directory = headless
+    with pytest.raises(ModelLoadError, match=REFUSAL[kind]):
         replica_service({"model": str(directory), "torch_threads": 1}, None)
 
 
