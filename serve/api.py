@@ -58,6 +58,7 @@ from serve.schemas import (
     RerankResult,
     ScoreRequest,
     ScoreResponse,
+    StageCard,
     TEIRank,
     TEIRerankRequest,
     Usage,
@@ -245,7 +246,10 @@ def _rerank_routes() -> APIRouter:
         """Score (query, passage) pairs; scores in input order (raw logits unless raw_scores=false)."""
         service.check_model(body.model)
         service.count("score")
-        scored = await service.engine.score([q for q, _ in body.pairs], [p for _, p in body.pairs])
+        if body.instruction is not None and not await service.engine.accepts_instruction():
+            raise RequestValidationError("instruction: the served model takes none (not an LLM reranker)")
+        queries, passages = [q for q, _ in body.pairs], [p for _, p in body.pairs]
+        scored = await service.engine.score(queries, passages, instruction=body.instruction)
         scores = scored.scores if body.raw_scores else sigmoid(scored.scores)
         return ScoreResponse(
             model=service.settings.served_model_name,
@@ -262,7 +266,7 @@ async def rerank_cohere(service: RerankService, body: RerankRequest) -> RerankRe
     service.count("rerank")
     documents = body.texts()
     truncation = Truncation(max_passage_tokens=body.max_tokens_per_doc)
-    ranked = await service.ranker.rank(body.query, documents, truncation, body.rerank_count)
+    ranked = await service.ranker.rank(body.query, documents, truncation, body.rerank_count, body.instruction)
     relevance = sigmoid(ranked.scores)
     results = [
         RerankResult(
@@ -299,7 +303,9 @@ async def rerank_tei(service: RerankService, body: TEIRerankRequest) -> list[TEI
     """TEI rerank: every text scored and sorted, truncated from ``truncation_direction``."""
     service.count("rerank_tei")
     truncation = Truncation(side=body.truncation_direction)
-    ranked = await service.ranker.rank(body.query, body.texts, truncation, body.rerank_count)
+    ranked = await service.ranker.rank(
+        body.query, body.texts, truncation, body.rerank_count, body.instruction
+    )
     if not body.truncate and ranked.num_truncated:
         raise PayloadTooLargeError(
             f"texts: {ranked.num_truncated} inputs exceed {service.ranker.max_length} tokens "
@@ -341,8 +347,23 @@ def _info_routes() -> APIRouter:
         responses=error_responses(401, 500, 503),
     )
     async def list_models(service: Service) -> ModelList:
-        """OpenAI-style model list."""
-        return ModelList(data=[ModelCard(id=service.settings.served_model_name, created=service.started)])
+        """OpenAI-style model list, with what kind of reranker is served (each stage of a cascade)."""
+        stages = []
+        for name, options, stage in zip(
+            service.ranker.names, service.settings.stages, service.stages, strict=True
+        ):
+            takes = await stage.accepts_instruction()
+            stages.append(
+                StageCard(name=name, model=options.model, kind=await stage.kind(), takes_instruction=takes)
+            )
+        card = ModelCard(
+            id=service.settings.served_model_name,
+            created=service.started,
+            kind=stages[-1].kind,
+            takes_instruction=any(stage.takes_instruction for stage in stages),
+            stages=stages,
+        )
+        return ModelList(data=[card])
 
     return router
 

@@ -199,9 +199,19 @@ class RerankStage:
         self.engine = build_engine(self.settings, number, threads, RerankMetrics())
         logger.info("RerankStage %s ready: %s", self.engine.stage, self.settings.stages[number].model)
 
-    async def score(self, queries: list[str], passages: list[str], truncation: Truncation) -> Scored:
+    async def score(
+        self, queries: list[str], passages: list[str], truncation: Truncation, instruction: str | None = None
+    ) -> Scored:
         """Raw logits of the pairs, through this stage's batching queue."""
-        return await self.engine.score(queries, passages, truncation)
+        return await self.engine.score(queries, passages, truncation, instruction)
+
+    async def accepts_instruction(self) -> bool:
+        """Whether this stage's model takes an instruction (the ingress asks once)."""
+        return await self.engine.accepts_instruction()
+
+    async def kind(self) -> str:
+        """What kind of reranker this stage's model is (for the ingress's ``/v1/models``)."""
+        return await self.engine.kind()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply this stage deployment's ``user_config`` (its own: every key applies to this stage)."""

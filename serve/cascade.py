@@ -20,7 +20,7 @@ from ray.serve.exceptions import BackPressureError
 from reranker.cascade import cascade_order, monotone_scores, top_candidates
 from reranker.errors import RerankError
 from serve.engine import DEFAULT_TRUNCATION, Scored, Truncation
-from serve.errors import OverloadedError, ReplicaLostError
+from serve.errors import OverloadedError, ReplicaLostError, RequestValidationError
 
 logger = logging.getLogger("ray.serve")
 REPLICA_LOSS = (ActorDiedError, ActorUnavailableError)  # a stage replica gone, or unreachable
@@ -33,8 +33,16 @@ class StageScorer(Protocol):
     def max_length(self) -> int: ...  # noqa: D102
 
     async def score(  # noqa: D102
-        self, queries: Sequence[str], passages: Sequence[str], truncation: Truncation = ...
+        self,
+        queries: Sequence[str],
+        passages: Sequence[str],
+        truncation: Truncation = ...,
+        instruction: str | None = ...,
     ) -> Scored: ...
+
+    async def accepts_instruction(self) -> bool: ...  # noqa: D102
+
+    async def kind(self) -> str: ...  # noqa: D102
 
     async def health_check(self) -> str | None: ...  # noqa: D102  # returns a refused user_config
 
@@ -46,9 +54,24 @@ class RemoteStage:
         self.handle = handle
         self.max_length = max_length
         self.name = name
+        self._takes_instruction: bool | None = None  # asked of the stage once
+
+    async def accepts_instruction(self) -> bool:
+        """Whether the stage's model takes an instruction (asked of its deployment once)."""
+        if self._takes_instruction is None:
+            self._takes_instruction = bool(await self.handle.accepts_instruction.remote())
+        return self._takes_instruction
+
+    async def kind(self) -> str:
+        """What kind of reranker the stage's model is (asked of its deployment)."""
+        return str(await self.handle.kind.remote())
 
     async def score(
-        self, queries: Sequence[str], passages: Sequence[str], truncation: Truncation = DEFAULT_TRUNCATION
+        self,
+        queries: Sequence[str],
+        passages: Sequence[str],
+        truncation: Truncation = DEFAULT_TRUNCATION,
+        instruction: str | None = None,
     ) -> Scored:
         """The stage deployment's scores; its domain errors (e.g. overload) come back as themselves.
 
@@ -61,15 +84,17 @@ class RemoteStage:
         """
         for attempt in (1, 2):
             try:
-                return await self._call(list(queries), list(passages), truncation)
+                return await self._call(list(queries), list(passages), truncation, instruction)
             except REPLICA_LOSS as exc:
                 logger.warning("stage %s lost its replica (try %d of 2): %s", self.name, attempt,
                                type(exc).__name__)  # fmt: skip
         raise ReplicaLostError(f"the replica of cascade stage {self.name} stopped; retry the request")
 
-    async def _call(self, queries: list[str], passages: list[str], truncation: Truncation) -> Scored:
+    async def _call(
+        self, queries: list[str], passages: list[str], truncation: Truncation, instruction: str | None
+    ) -> Scored:
         try:
-            scored: Scored = await self.handle.score.remote(queries, passages, truncation)
+            scored: Scored = await self.handle.score.remote(queries, passages, truncation, instruction)
         except BackPressureError as exc:
             raise OverloadedError(f"a cascade stage is busy: {exc}") from None
         except RayTaskError as exc:
@@ -124,8 +149,16 @@ class CascadeRanker:
         documents: Sequence[str],
         truncation: Truncation = DEFAULT_TRUNCATION,
         rerank_count: int | None = None,
+        instruction: str | None = None,
     ) -> Ranked:
-        """Score the documents stage by stage; ``rerank_count`` replaces the k before the last stage."""
+        """Score the documents stage by stage; ``rerank_count`` replaces the k before the last stage.
+
+        ``instruction`` goes to each stage whose model takes one (an LLM stage behind a BERT one).
+
+        Raises:
+            RequestValidationError: An instruction, and no stage takes one.
+        """
+        instructions = await self.instructions(instruction)
         counts = list(self.rerank_counts)
         if counts and rerank_count is not None:
             counts[-1] = rerank_count
@@ -137,12 +170,25 @@ class CascadeRanker:
                 previous = stage_scores[number - 1][candidates]
                 candidates = candidates[top_candidates(previous, counts[number - 1])]
             texts = [documents[int(i)] for i in candidates]
-            scored = await stage.score([query] * len(texts), texts, truncation)
+            scored = await stage.score([query] * len(texts), texts, truncation, instructions[number])
             stage_scores[number][candidates] = scored.scores
             tokens += scored.num_tokens
             truncated[candidates] |= scored.truncated
         order, final, reached = cascade_order(stage_scores)
         return Ranked(order, monotone_scores(order, final, reached), stage_scores, tokens, truncated)
+
+    async def instructions(self, instruction: str | None) -> list[str | None]:
+        """The request's instruction for each stage: to those that take one.
+
+        Raises:
+            RequestValidationError: An instruction, and no stage takes one.
+        """
+        if instruction is None:
+            return [None] * len(self.stages)
+        takes = [await stage.accepts_instruction() for stage in self.stages]
+        if not any(takes):
+            raise RequestValidationError("instruction: the served model takes none (not an LLM reranker)")
+        return [instruction if accepted else None for accepted in takes]
 
     async def health_check(self) -> dict[str, str]:
         """Raise unless every stage can score.

@@ -132,11 +132,12 @@ DEFAULT_TRUNCATION = Truncation()
 
 @dataclass(frozen=True)
 class Chunk:
-    """Up to ``max_batch_pairs`` pairs of one request, with that request's truncation."""
+    """Up to ``max_batch_pairs`` pairs of one request, with that request's truncation and instruction."""
 
     queries: list[str]
     passages: list[str]
     truncation: Truncation
+    instruction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -321,9 +322,15 @@ class RerankEngine:
             self.metrics.config_refused.inc(tags={"stage": self.stage})
 
     async def score(
-        self, queries: Sequence[str], passages: Sequence[str], truncation: Truncation = Truncation()
+        self,
+        queries: Sequence[str],
+        passages: Sequence[str],
+        truncation: Truncation = Truncation(),
+        instruction: str | None = None,
     ) -> Scored:
         """Score pairs through the shared batching queue; raw logits in input order.
+
+        ``instruction`` (None: the model's setting) reaches a model that takes one (``accepts_instruction``).
 
         Raises:
             OverloadedError: The replica already holds ``max_pending_pairs`` pairs.
@@ -335,7 +342,7 @@ class RerankEngine:
             raise OverloadedError(f"server busy: {self.pending_pairs} pairs queued (limit {limit})")
         step = self.batching.max_batch_pairs
         chunks = [
-            Chunk(list(queries[i : i + step]), list(passages[i : i + step]), truncation)
+            Chunk(list(queries[i : i + step]), list(passages[i : i + step]), truncation, instruction)
             for i in range(0, count, step)
         ]
         self.pending_pairs += count
@@ -360,9 +367,9 @@ class RerankEngine:
         return results
 
     def _score_batch(self, chunks: list[Chunk]) -> list[Scored | Exception]:
-        """One model batch per truncation setting; a failed batch is retried one chunk at a time."""
+        """One model batch per preparation (truncation, instruction); a failed one, chunk by chunk."""
         results: dict[int, Scored | Exception] = {}
-        for members in _by_truncation(chunks):
+        for members in _by_preparation(chunks):
             try:
                 results.update(self._score_together(chunks, members))
             except Exception as exc:
@@ -378,8 +385,8 @@ class RerankEngine:
         return [results[i] for i in range(len(chunks))]
 
     def _score_together(self, chunks: list[Chunk], members: list[int]) -> dict[int, Scored]:
-        """Score the chunks ``members`` (one truncation setting) as one model batch."""
-        truncation = chunks[members[0]].truncation
+        """Score the chunks ``members`` (one truncation and instruction) as one model batch."""
+        truncation, instruction = chunks[members[0]].truncation, chunks[members[0]].instruction
         queries = [q for i in members for q in chunks[i].queries]
         passages = [p for i in members for p in chunks[i].passages]
         encoded = self.model.tokenize(
@@ -387,6 +394,7 @@ class RerankEngine:
             passages,
             truncation_side=truncation.side,
             max_passage_tokens=truncation.max_passage_tokens,
+            instruction=instruction,
         )
         scores = self.model.score_encoded(
             encoded, max_batch_pairs=self.batching.max_batch_pairs, activation="none"
@@ -414,6 +422,14 @@ class RerankEngine:
         if truncated.any():  # Ray counters reject increments of 0
             self.metrics.truncated.inc(int(truncated.sum()), tags=tags)
 
+    async def accepts_instruction(self) -> bool:
+        """Whether the model takes an instruction (an LLM reranker's prompt)."""
+        return bool(self.model.takes_instruction)
+
+    async def kind(self) -> str:
+        """What kind of reranker the model is (``CrossEncoderModel.kind``)."""
+        return str(self.model.kind)
+
     async def health_check(self) -> str | None:
         """Raise unless the model scored a batch or a probe within the health interval.
 
@@ -432,11 +448,17 @@ class RerankEngine:
             raise RuntimeError("model returned a non-finite score for the health probe")
 
 
-def _by_truncation(chunks: list[Chunk]) -> list[list[int]]:
-    """Chunk indices grouped by truncation setting (one model batch each)."""
-    order = sorted(range(len(chunks)), key=lambda i: _sort_key(chunks[i].truncation))
-    return [list(group) for _, group in itertools.groupby(order, key=lambda i: chunks[i].truncation)]
+def _by_preparation(chunks: list[Chunk]) -> list[list[int]]:
+    """Chunk indices grouped by how their pairs are prepared (one model batch each)."""
+    order = sorted(range(len(chunks)), key=lambda i: _sort_key(chunks[i]))
+    return [list(group) for _, group in itertools.groupby(order, key=lambda i: _sort_key(chunks[i]))]
 
 
-def _sort_key(truncation: Truncation) -> tuple[int, str]:
-    return (truncation.max_passage_tokens or 0, truncation.side)
+def _sort_key(chunk: Chunk) -> tuple[int, str, str, bool]:
+    truncation = chunk.truncation
+    return (
+        truncation.max_passage_tokens or 0,
+        truncation.side,
+        chunk.instruction or "",
+        chunk.instruction is None,
+    )

@@ -44,6 +44,10 @@ class RequestLimits:
 
 
 MAX_TOKENS_PER_DOC = 1_000_000  # far past any model's max_length (what a document keeps at most)
+INSTRUCTION_DESCRIPTION = (
+    "LLM rerankers: the task description in the model's prompt (vLLM's `instruction`); default: the "
+    "model's. A request for a model that takes none is a 422."
+)
 BLANK_HINT = "nothing to score (the offline job gives such a pair a null score)"
 
 
@@ -94,6 +98,7 @@ class RerankRequest(BaseModel):
         None, ge=1, description="Cascades only: documents the last stage rescores (default: configured)."
     )
     return_stage_scores: bool = Field(False, description="Add each stage's score to every result.")
+    instruction: NonBlankText | None = Field(None, description=INSTRUCTION_DESCRIPTION)
 
     @field_validator("documents")
     @classmethod
@@ -109,6 +114,7 @@ class RerankRequest(BaseModel):
         """Raise ``ValueError`` naming the field that breaks the deployment's limits."""
         limits.check("query", [self.query], "query")
         limits.check("documents", self.texts(), "a document")
+        limits.check("instruction", [self.instruction or ""], "the instruction")
         limits.check_rerank_count(self.rerank_count)
 
 
@@ -126,6 +132,7 @@ class TEIRerankRequest(BaseModel):
         None, ge=1, description="Cascades only: documents the last stage rescores (default: configured)."
     )
     return_stage_scores: bool = Field(False, description="Add each stage's score to every result.")
+    instruction: NonBlankText | None = Field(None, description=INSTRUCTION_DESCRIPTION)
 
     @field_validator("texts")
     @classmethod
@@ -143,6 +150,7 @@ class TEIRerankRequest(BaseModel):
         """Raise ``ValueError`` naming the field that breaks the deployment's limits."""
         limits.check("query", [self.query], "query")
         limits.check("texts", self.texts, "a text")
+        limits.check("instruction", [self.instruction or ""], "the instruction")
         limits.check_rerank_count(self.rerank_count)
 
 
@@ -166,6 +174,7 @@ class ScoreRequest(BaseModel):
     pairs: Annotated[list[tuple[DocumentText, DocumentText]], Field(min_length=1)]
     raw_scores: bool = True
     model: str | None = None
+    instruction: NonBlankText | None = Field(None, description=INSTRUCTION_DESCRIPTION)
 
     @field_validator("pairs")
     @classmethod
@@ -178,6 +187,7 @@ class ScoreRequest(BaseModel):
         """Raise ``ValueError`` naming the field that breaks the deployment's limits."""
         limits.check("pairs", (query for query, _ in self.pairs), "a query")
         limits.check("pairs", (passage for _, passage in self.pairs), "a passage")
+        limits.check("instruction", [self.instruction or ""], "the instruction")
 
 
 class RerankDocument(BaseModel):
@@ -264,13 +274,27 @@ class ScoreResponse(BaseModel):
     usage: Usage
 
 
+class StageCard(BaseModel):
+    """One scoring stage of the served model: its name, model and kind."""
+
+    name: str
+    model: str
+    kind: str = Field(description="sequence-classification, llm-yes-no or sentence-transformers.")
+    takes_instruction: bool
+
+
 class ModelCard(BaseModel):
-    """One entry of the OpenAI-style model list."""
+    """One entry of the OpenAI-style model list, with what kind of reranker it is."""
 
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "ray-rerank"
+    kind: str = Field(description="The (last) stage's kind: sequence-classification, llm-yes-no, ...")
+    takes_instruction: bool = Field(description="Whether requests may send an instruction.")
+    stages: list[StageCard] = Field(
+        description="Every scoring stage, cheapest first (one without a cascade)."
+    )
 
 
 class ModelList(BaseModel):

@@ -35,6 +35,14 @@ def larger_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llm_reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3-style yes/no LLM reranker with its chat template, saved by sentence-transformers."""
+    from tests.helpers import build_tiny_llm_reranker
+
+    return build_tiny_llm_reranker(tmp_path_factory.mktemp("llm-reranker") / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     """The tiny model loaded once through the project's model class."""
     from reranker.model import CrossEncoderModel
