@@ -16,7 +16,11 @@ from typing import Any
 from jobs.commit import SUCCESS_NAME
 from jobs.settings import RescoreSettings
 from jobs.storage import InputPlan, Location, storage_call
+from reranker.cascade import model_options
 from reranker.errors import OutputError
+from reranker.families import scoring_recipe
+from reranker.loading import pinned_model
+from reranker.settings import ModelOptions
 
 MANIFEST_NAME = "_rescore_job.json"
 # What the working files hold: 2, a ranked job's units keep raw logits (the activation is applied when
@@ -42,7 +46,8 @@ def job_manifest(settings: RescoreSettings, plan: InputPlan, versions: Sequence[
     """Everything that decides the output's content; a rerun resumes only if it is unchanged.
 
     ``versions`` are what each stage actually loads (``reranker.loading.model_version``): an unpinned
-    hub model whose ``main`` moved, or a directory with new weights, is a different job.
+    hub model whose ``main`` moved, or a directory with new weights, is a different job. Each stage's
+    family and chat template (``reranker.families.scoring_recipe``) are recorded beside its version.
     """
     model, job = settings.model, settings.job
     scoring: dict[str, Any] = model.model_dump(include=SCORING_FIELDS)
@@ -52,6 +57,7 @@ def job_manifest(settings: RescoreSettings, plan: InputPlan, versions: Sequence[
                 {
                     **stage.model_dump(include={*SCORING_FIELDS, "name", "rerank_count"}),
                     "model_version": version,
+                    **scoring_recipe(pinned_model(model_options(stage), version)),
                 }
                 for stage, version in zip(settings.stages, versions, strict=True)
             ]
@@ -71,10 +77,14 @@ def job_manifest(settings: RescoreSettings, plan: InputPlan, versions: Sequence[
         "format_version": FORMAT_VERSION,
         **scoring,
         **layout,
-        **({} if settings.cascade.cascade else {"model_version": versions[0]}),
+        **({} if settings.cascade.cascade else _model_identity(model, versions[0])),
         "input": plan.location.path,
         "input_files": plan.file_versions(),
     }
+
+
+def _model_identity(model: ModelOptions, version: str) -> dict[str, Any]:
+    return {"model_version": version, **scoring_recipe(pinned_model(model, version))}
 
 
 def resume_or_start(output: Location, manifest: dict[str, Any], uri: str) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ too: no chat template, no prompts, no module chain beyond one sequence-classific
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -47,10 +48,27 @@ def model_family(options: ModelOptions) -> Family:
 
 def has_chat_template(options: ModelOptions) -> bool:
     """Whether the tokenizer ships a chat template (in its config, or as ``chat_template.jinja``)."""
+    return chat_template(options) is not None
+
+
+def chat_template(options: ModelOptions) -> Any | None:
+    """The tokenizer's chat template (from its config, else ``chat_template.jinja``); None without one."""
     tokenizer_config = _json(options, "tokenizer_config.json") or {}
     if tokenizer_config.get("chat_template"):
-        return True
-    return model_file(options, "chat_template.jinja") is not None
+        return tokenizer_config["chat_template"]
+    path = model_file(options, "chat_template.jinja")
+    return None if path is None else Path(path).read_text()
+
+
+def scoring_recipe(options: ModelOptions) -> dict[str, str | None]:
+    """How the checkpoint's scores are made, for a job's manifest: its family and its chat template.
+
+    The template is recorded as a digest (``None`` without one). The model's version already pins every
+    file; this says in the manifest which template and which way of scoring a resume relies on.
+    """
+    template = chat_template(options)
+    digest = None if template is None else hashlib.sha256(json.dumps(template).encode()).hexdigest()[:16]
+    return {"family": model_family(options), "chat_template": digest}
 
 
 def _plain_sequence_classifier(options: ModelOptions, modules: list[dict[str, Any]]) -> bool:

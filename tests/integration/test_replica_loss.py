@@ -167,11 +167,11 @@ def test_a_cascade_stage_replica_that_dies_mid_request_is_retried_on_its_handle(
     marker = tmp_path / "died"
 
     class DiesOnceStage(RerankStage.func_or_class):  # type: ignore[name-defined,misc]
-        async def score(self, queries, passages, truncation):  # type: ignore[no-untyped-def]
+        async def score(self, queries, passages, truncation, instruction=None):  # type: ignore[no-untyped-def]
             if not marker.exists():
                 marker.write_text(str(os.getpid()))
                 os._exit(1)
-            return await super().score(queries, passages, truncation)
+            return await super().score(queries, passages, truncation, instruction)
 
     args = {
         "cascade": [{"model": str(tiny_model_dir), "rerank_count": 2}, {"model": str(larger_model_dir)}],

@@ -41,11 +41,14 @@ def test_score_and_models_for_each_family(served):
         assert instructed.status_code == 422 and "instruction" in instructed.json()["error"]["message"]
 
 
-def test_a_tinybert_to_llm_cascade_scores_each_stage_as_that_model_alone(tiny_model, llm_reranker_dir):
-    """Stage 1 (a BERT classifier) scores every document, stage 2 (an LLM reranker) the best two, with
+def test_a_tinybert_to_llm_cascade_scores_each_stage_as_that_model_alone(llm_reranker_dir):
+    """Stage 1 (the TinyBERT-L2 twin) scores every document, stage 2 (an LLM reranker) the best two, with
     the request's instruction (stage 1 takes none): each stage's raw score equals that model alone."""
     from sentence_transformers import CrossEncoder
 
+    from tests.helpers import TWIN_MODEL, require
+
+    tiny_model = CrossEncoderModel(str(require(TWIN_MODEL)))
     llm = CrossEncoderModel(str(llm_reranker_dir))
     documents = [passage for _, passage in PAIRS[:4]]
     body = {"query": QUERY, "texts": documents, "raw_scores": True, "return_stage_scores": True}
