@@ -101,7 +101,8 @@ def run_later_stages(
                 selected_at, job.query_column, job.passage_column, columns[number], None, SELECTED_COLUMN
             )
             options = raw_scores(pinned_model(model_options(stages[number]), versions[number]))
-            failed = score_units(todo, scoring, options, job, scored_at, stage_sizing(stages[number], job))
+            sizing = stage_sizing(stages[number], job)
+            failed = score_units(todo, scoring, options, job, scored_at, sizing, f"stage {number + 1}")
             if failed:
                 raise OutputError(f"cannot read the job's own files: {'; '.join(failed.values())}")
         previous, names = scored_at, [unit.name for unit in units]

@@ -38,6 +38,8 @@ SCORING_FIELDS = {
     "instruction",
     "true_token",
     "false_token",
+    "max_chunks_per_doc",
+    "chunk_overlap_tokens",
 }
 STAGE_FIELDS = {*SCORING_FIELDS, "name", "rerank_count"}
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 import ray.data
 
 from jobs.commit import commit_table
+from jobs.progress import Progress
 from jobs.ranking import input_positions
 from jobs.resources import (
     ActorPoolPlan,
@@ -111,10 +112,12 @@ def score_units(
     job: JobSettings,
     destination: Location,
     sizing: PoolSizing | None = None,
+    what: str = "stage 1",
 ) -> dict[str, str]:
     """Run the units through the pipeline on a pool sized for ``sizing`` (default: the job's settings).
 
-    Each unit is committed as it finishes; the driver sees one small manifest row per unit.
+    Each unit is committed as it finishes; the driver sees one small manifest row per unit, and logs a
+    progress line (``jobs.progress``) at most every 10 s.
 
     Returns:
         Input files with a unit that could not be read, and why (``--on-bad-file skip``).
@@ -128,9 +131,10 @@ def score_units(
     logger.info("actor pool: %s, object store budget %d MiB", pool, budget // 2**20)
     bad_files: dict[str, str] = {}
     timings: list[dict[str, float]] = []
+    progress = Progress(what, sum(unit.num_rows for unit in units))
     with job_data_context(budget):
         pipeline = build_pipeline(units, scoring, options, pool, destination, job.io_cpus)
-        for done, row in enumerate(pipeline.iter_rows(), 1):
+        for row in pipeline.iter_rows():
             if row["error"] is not None:
                 if job.on_bad_file == "fail":
                     raise InputError(row["error"] + " (pass --on-bad-file skip to leave bad files out)")
@@ -138,7 +142,9 @@ def score_units(
                 bad_files.update(json.loads(row["skipped"]))
                 continue
             timings.append(json.loads(row["timings"]))
-            logger.info("committed %s (%d/%d)", row["name"], done, len(units))
+            counts = json.loads(row["counts"])
+            progress.add(counts["rows"], counts["scored"])
+    progress.log()
     logger.info("stage seconds: %s", json.dumps(stage_seconds(timings)))
     return bad_files
 

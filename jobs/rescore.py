@@ -31,10 +31,17 @@ from jobs.commit import (
     list_names,
     remove_files,
 )
-from jobs.manifest import MANIFEST_NAME, job_manifest, read_json, resume_or_start, write_json
+from jobs.manifest import (
+    MANIFEST_NAME,
+    changed_fields,
+    job_manifest,
+    read_json,
+    resume_or_start,
+    write_json,
+)
 from jobs.pipeline import UnitScoring, score_units
 from jobs.ranking import HIDDEN_COLUMNS, POSITION_COLUMN, RANKING_DIR, rank_scored
-from jobs.resources import start_ray
+from jobs.resources import alive_node_resources, plan_actor_pool, start_ray
 from jobs.retries import is_transient
 from jobs.settings import JobSettings, RescoreSettings
 from jobs.storage import (
@@ -42,7 +49,9 @@ from jobs.storage import (
     Location,
     check_output_apart,
     count_rows,
+    exists,
     inspect_input,
+    locate,
     prepare_output,
     write_empty_output,
 )
@@ -105,15 +114,10 @@ def run(settings: RescoreSettings) -> JobSummary:
     """
     started = time.perf_counter()
     job = settings.job
-    if not job.input or not job.output:
-        raise ConfigError("both --input and --output are required (or RERANK_INPUT / RERANK_OUTPUT)")
-    plan = inspect_input(
-        job.input, job.storage_options, _text_columns(job), _new_columns(settings), job.on_bad_file == "skip"
-    )
-    check_output_apart(plan, job.input, job.output, job.storage_options)
-    versions = checked_while_ray_starts(settings.stages)
-    output = prepare_output(job.output, job.storage_options, job.overwrite, resumable=[MANIFEST_NAME])
-    done = resume_or_start(output, job_manifest(settings, plan, versions), job.output)
+    plan, versions = checked_plan(settings)
+    uri = job.output or ""  # checked_plan refused a missing one
+    output = prepare_output(uri, job.storage_options, job.overwrite, resumable=[MANIFEST_NAME])
+    done = resume_or_start(output, job_manifest(settings, plan, versions), uri)
     if done is not None:
         logger.info("output %s is already complete; nothing to do", job.output)
         remove_files(output, [WRITTEN_NAME])  # a run that died right after writing _SUCCESS
@@ -127,6 +131,70 @@ def run(settings: RescoreSettings) -> JobSummary:
         complete(output, summary)
         return summary
     return rescore(settings, plan, versions, output, started)
+
+
+def checked_plan(settings: RescoreSettings) -> tuple[InputPlan, list[str]]:
+    """The input's files and footers and each stage's model version, all checked on the driver (Ray up).
+
+    Raises:
+        RerankError: A user error (settings, input, output, model), before anything is written.
+    """
+    job = settings.job
+    if not job.input or not job.output:
+        raise ConfigError("both --input and --output are required (or RERANK_INPUT / RERANK_OUTPUT)")
+    plan = inspect_input(
+        job.input, job.storage_options, _text_columns(job), _new_columns(settings), job.on_bad_file == "skip"
+    )
+    check_output_apart(plan, job.input, job.output, job.storage_options)
+    return plan, checked_while_ray_starts(settings.stages)
+
+
+def dry_run(settings: RescoreSettings) -> str:
+    """What a run would do, checked as a run checks it: nothing is scored, written or deleted.
+
+    Raises:
+        RerankError: A user error, as ``run`` would raise it.
+    """
+    plan, versions = checked_plan(settings)
+    job = settings.job
+    units = plan_units(plan.files, [footer.row_groups for footer in plan.footers], job.rows_per_unit)
+    output = locate(job.output or "", job.storage_options)
+    lines = [
+        f"input: {job.input}: {len(plan.files):,} files, {plan.num_rows:,} rows"
+        + (f", {len(plan.skipped)} bad files skipped" if plan.skipped else ""),
+        f"output: {job.output}: {_output_state(settings, plan, versions, output)}",
+    ]
+    committed = _committed(settings, output, units)
+    lines.append(
+        f"units: {len(units):,} of up to {job.rows_per_unit:,} rows; {len(committed):,} committed "
+        f"(resumed), {len(units) - len(committed):,} to score"
+    )
+    for number, (stage, version) in enumerate(zip(settings.stages, versions, strict=True)):
+        pool = plan_actor_pool(alive_node_resources(), stage_sizing(stage, job), stage.torch_threads)
+        k = f", passes {stage.rerank_count} per query on" if stage.rerank_count else ""
+        lines.append(f"stage {number + 1}: {stage.model} ({version}){k}; actor pool {pool}")
+    return "\n".join(lines)
+
+
+def _output_state(settings: RescoreSettings, plan: InputPlan, versions: list[str], output: Location) -> str:
+    """New, resumable (the manifest matches), complete, or made by other settings (what --overwrite does)."""
+    previous = read_json(output, MANIFEST_NAME) if exists(output) else None
+    if previous is None:
+        return "replaced (--overwrite)" if settings.job.overwrite and exists(output) else "new"
+    if settings.job.overwrite:
+        return "replaced (--overwrite)"
+    changes = changed_fields(previous, job_manifest(settings, plan, versions))
+    if changes:
+        return f"made by other settings ({'; '.join(changes[:3])}): a run refuses it without --overwrite"
+    return "complete: a run does nothing" if read_json(output, SUCCESS_NAME) else "resumes the earlier run"
+
+
+def _committed(settings: RescoreSettings, output: Location, units: Sequence[WorkUnit]) -> set[str]:
+    """Units an earlier run committed that a run would keep (none when the output is replaced)."""
+    scored_at = output.child(SCORED_DIR) if settings.job.group_column else output
+    if settings.job.overwrite or not exists(scored_at):
+        return set()
+    return list_names(scored_at) & {unit.name for unit in units}
 
 
 def rescore(
@@ -378,6 +446,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the job; a user error prints one line and returns 2."""
     try:
         settings = RescoreSettings.load(**parse_args(argv))
+        if settings.job.dry_run:
+            print(dry_run(settings))
+            return 0
         summary = run(settings)
     except RerankError as exc:
         print(f"error: {exc}", file=sys.stderr)

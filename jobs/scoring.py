@@ -7,18 +7,35 @@ actors only run the model (``score_tokens``). Null or blank texts get a null sco
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from reranker.chunking import Chunked, any_of, best_of, split_long
 from reranker.encoders import pair_encoder
 from reranker.settings import ModelOptions
 from reranker.tokenizer import EncodedPairs, PairEncoder
 
 if TYPE_CHECKING:
     from reranker.model import CrossEncoderModel
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How a row's passage too long for its pair is scored: up to ``max_chunks`` windows, the best kept."""
+
+    max_chunks: int
+    overlap: int
+
+    @classmethod
+    def of(cls, options: ModelOptions) -> Chunking | None:
+        """The model settings' chunking; None when a long passage is cut to fit (``max_chunks_per_doc`` 1)."""
+        if options.max_chunks_per_doc == 1:
+            return None
+        return cls(options.max_chunks_per_doc, options.chunk_overlap_tokens)
 
 
 def valid_text_mask(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -51,39 +68,74 @@ def tokenize_table(
     passage_column: str,
     selected: pa.ChunkedArray | pa.Array | None = None,
     instruction: str | None = None,
+    chunking: Chunking | None = None,
 ) -> pa.Table:
     """Token ids of each row's pair: a null list where the query or passage is null or blank.
 
     With ``selected`` (bools), rows where it is not true get a null list too (not scored).
-    ``instruction`` goes to a model that takes one (the model settings' ``instruction``).
+    ``instruction`` goes to a model that takes one (the model settings' ``instruction``). With
+    ``chunking`` (up to N windows over 1), a passage too long for its pair becomes several pairs: the row
+    holds their ids one after another and a ``chunk_lengths`` list (``reranker.chunking``).
     """
     queries, passages = table.column(query_column), table.column(passage_column)
     valid = valid_text_mask(queries) & valid_text_mask(passages)
     if selected is not None:
         valid &= np.asarray(pc.fill_null(selected, False).to_numpy(zero_copy_only=False), dtype=bool)
-    encoded = tokenizer.tokenize(
-        pc.filter(queries, valid).to_pylist(), pc.filter(passages, valid).to_pylist(), instruction=instruction
-    )
+    pairs = pc.filter(queries, valid).to_pylist(), pc.filter(passages, valid).to_pylist()
+    split = None
+    if chunking is not None and chunking.max_chunks > 1:
+        split = split_long(tokenizer, *pairs, chunking.max_chunks, chunking.overlap, instruction)
+        pairs = split.queries, split.passages
+    encoded = tokenizer.tokenize(*pairs, instruction=instruction)
+    pair_truncated = encoded.truncated
+    columns: dict[str, pa.Array] = {}
+    if split is not None:
+        columns["chunk_lengths"] = _row_lists(valid, np.bincount(split.owner, minlength=int(valid.sum())),
+                                              encoded.lengths.astype(np.int32))  # fmt: skip
+        pair_truncated = any_of(encoded.truncated, split.owner) | split.cut
     lengths = np.zeros(table.num_rows, dtype=np.int64)
-    lengths[valid] = encoded.lengths
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]))  # int64: a unit may pass 2**31 tokens
-    mask = pa.array(~valid)
-    columns = {"input_ids": pa.LargeListArray.from_arrays(offsets, pa.array(encoded.input_ids), mask=mask)}
+    lengths[valid] = _per_row(encoded.lengths, split)
+    columns["input_ids"] = _row_lists(valid, lengths[valid], encoded.input_ids)
     if encoded.token_type_ids is not None:
-        columns["token_type_ids"] = pa.LargeListArray.from_arrays(
-            offsets, pa.array(encoded.token_type_ids), mask=mask
-        )
+        columns["token_type_ids"] = _row_lists(valid, lengths[valid], encoded.token_type_ids)
     truncated = np.zeros(table.num_rows, dtype=bool)
-    truncated[valid] = encoded.truncated
+    truncated[valid] = pair_truncated
     columns["truncated"] = pa.array(truncated)
     return pa.table(columns)
 
 
-def encoded_from_table(tokens: pa.Table) -> tuple[EncodedPairs, np.ndarray]:
-    """The scorable rows of a ``tokenize_table`` result as ``EncodedPairs``, and the valid-row mask."""
+def _per_row(pair_lengths: np.ndarray, split: Chunked | None) -> np.ndarray:
+    """Tokens of each row: its pair's, or the sum of its chunk pairs'."""
+    if split is None or not len(pair_lengths):
+        return pair_lengths
+    starts = np.flatnonzero(np.r_[True, split.owner[1:] != split.owner[:-1]])
+    return np.add.reduceat(pair_lengths, starts)
+
+
+def _row_lists(valid: np.ndarray, counts: np.ndarray, values: np.ndarray) -> pa.Array:
+    """A large-list column: ``counts[i]`` of ``values`` for each valid row in turn, null for the others."""
+    per_row = np.zeros(len(valid), dtype=np.int64)
+    per_row[valid] = counts
+    offsets = pa.array(np.concatenate([[0], np.cumsum(per_row)]))  # int64: a unit may pass 2**31 tokens
+    return pa.LargeListArray.from_arrays(offsets, pa.array(values), mask=pa.array(~valid))
+
+
+def encoded_from_table(tokens: pa.Table) -> tuple[EncodedPairs, np.ndarray, np.ndarray | None]:
+    """The scorable rows of a ``tokenize_table`` result as pairs, their mask, and (chunked) pair owners.
+
+    Returns:
+        The pairs, the valid-row mask, and for chunked rows the index among the valid rows of each pair.
+    """
     ids = tokens.column("input_ids").combine_chunks()
     valid = np.asarray(ids.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
     lengths = np.diff(ids.offsets.to_numpy())[valid]
+    owner = None
+    if "chunk_lengths" in tokens.column_names:
+        chunks = tokens.column("chunk_lengths").combine_chunks()
+        counts = np.diff(chunks.offsets.to_numpy())[valid]
+        first = chunks.offsets[0].as_py()
+        lengths = chunks.values.to_numpy()[first : first + int(counts.sum())].astype(np.int64)
+        owner = np.repeat(np.arange(len(counts)), counts)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     start = ids.offsets[0].as_py()
     token_types = None
@@ -91,20 +143,26 @@ def encoded_from_table(tokens: pa.Table) -> tuple[EncodedPairs, np.ndarray]:
         types = tokens.column("token_type_ids").combine_chunks()
         token_types = types.values.to_numpy()[start : start + offsets[-1]]
     truncated = tokens.column("truncated").to_numpy()[valid]
+    if owner is not None:
+        truncated = truncated[owner]  # a chunk pair carries its row's flag (only rows are counted)
     values = ids.values.to_numpy()[start : start + offsets[-1]]
-    return EncodedPairs(values, offsets, token_types, truncated), valid
+    return EncodedPairs(values, offsets, token_types, truncated), valid, owner
 
 
 def score_tokens(model: CrossEncoderModel, tokens: pa.Table) -> tuple[pa.Array, dict[str, int]]:
-    """float32 scores of a ``tokenize_table`` result (null where there was nothing to score), and counts."""
-    encoded, valid = encoded_from_table(tokens)
+    """float32 scores of a ``tokenize_table`` result (null where there was nothing to score), and counts.
+
+    A chunked row scores as its best chunk pair.
+    """
+    encoded, valid, owner = encoded_from_table(tokens)
     scores = np.zeros(tokens.num_rows, dtype=np.float32)
-    scores[valid] = model.score_encoded(encoded)
+    pair_scores = model.score_encoded(encoded)
+    scores[valid] = pair_scores if owner is None else best_of(pair_scores, owner)
     counts = {
         "rows": tokens.num_rows,
         "scored": int(valid.sum()),
         "null": int((~valid).sum()),
-        "truncated": int(encoded.truncated.sum()),
+        "truncated": int(tokens.column("truncated").to_numpy()[valid].sum()),
         "tokens": int(encoded.lengths.sum()),
     }
     return pa.array(scores, pa.float32(), mask=~valid), counts

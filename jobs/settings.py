@@ -49,6 +49,11 @@ class JobSettings(SettingsSection):
         "actor and tokenize task, at least 512).",
     )
     overwrite: bool = Field(False, description="Replace an existing, non-empty output.")
+    dry_run: bool = Field(
+        False,
+        description="Print the plan (inputs, units, resumed units, actor pool, stages) and exit: nothing is "
+        "scored or written.",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (JSON), e.g. endpoint_url for S3."
     )

@@ -23,7 +23,7 @@ import pyarrow as pa
 import ray.data
 
 from jobs.resources import ActorPoolPlan, PoolRequest, alive_node_resources, plan_actor_pool
-from jobs.scoring import score_tokens, tokenize_table, tokenize_task_env, tokenizer_for
+from jobs.scoring import Chunking, score_tokens, tokenize_table, tokenize_task_env, tokenizer_for
 from reranker.errors import InputError
 from reranker.loading import check_loadable, model_version, pinned_model
 from reranker.settings import DEFAULT_MODEL, ModelOptions
@@ -32,6 +32,7 @@ TOKEN_COLUMNS = {  # tokenize_table's columns, as they travel hidden beside the 
     "input_ids": "__rerank_input_ids",
     "token_type_ids": "__rerank_token_type_ids",
     "truncated": "__rerank_truncated",
+    "chunk_lengths": "__rerank_chunk_lengths",
 }
 DEFAULT_BATCH_ROWS = 4096
 
@@ -160,7 +161,13 @@ def tokenize_rows(
     selected = None if select_column is None else batch.column(select_column)
     tokenizer = tokenizer_for(model_options)
     tokens = tokenize_table(
-        tokenizer, batch, query_column, passage_column, selected, model_options.instruction
+        tokenizer,
+        batch,
+        query_column,
+        passage_column,
+        selected,
+        model_options.instruction,
+        Chunking.of(model_options),
     )
     for name in tokens.column_names:
         batch = batch.append_column(TOKEN_COLUMNS[name], tokens.column(name))

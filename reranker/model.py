@@ -27,13 +27,14 @@ from transformers import (
 )
 
 from reranker.batching import attention_mask, pad_batch, plan_batches
+from reranker.chunking import Chunked, any_of, best_of, split_long
 from reranker.cls_forward import build_cls_forward
 from reranker.errors import ConfigError, ModelLoadError
 from reranker.families import SEQUENCE_CLASSIFICATION, model_family
 from reranker.loading import check_labels, hub_options, load_failure_message, untrained_weights_message
 from reranker.scores import sigmoid
 from reranker.settings import DEFAULT_MODEL, ModelOptions, describe_validation_error
-from reranker.tokenizer import EncodedPairs, PairEncoder, PairTokenizer
+from reranker.tokenizer import EncodedPairs, PairEncoder, PairTokenizer, cut_pairs
 from reranker.types import Activation, Precision, TruncationSide
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class CrossEncoderModel:
         instruction: str | None = None,
         true_token: str | None = None,
         false_token: str | None = None,
+        max_chunks_per_doc: int = 1,
+        chunk_overlap_tokens: int = 32,
     ) -> None:
         """Load the tokenizer and the weights once; every option is fixed from here on.
 
@@ -133,6 +136,9 @@ class CrossEncoderModel:
                 prompt); a call may pass another. Default: the model's own.
             true_token: LLM rerankers: the token whose logit means relevant (default: the model's).
             false_token: LLM rerankers: the token whose logit means irrelevant (default: the model's).
+            max_chunks_per_doc: A passage longer than a pair holds: 1 cuts it to fit; N scores up to N
+                overlapping windows of it and keeps the best (``reranker.chunking``); a call may pass another.
+            chunk_overlap_tokens: Tokens each window shares with the previous one.
 
         Raises:
             ModelLoadError: The model can't be found or read, or has no trained reranker head.
@@ -154,6 +160,8 @@ class CrossEncoderModel:
                 instruction=instruction,
                 true_token=true_token,
                 false_token=false_token,
+                max_chunks_per_doc=max_chunks_per_doc,
+                chunk_overlap_tokens=chunk_overlap_tokens,
             )
         except pydantic.ValidationError as exc:
             raise ConfigError(describe_validation_error(exc)) from None
@@ -229,6 +237,7 @@ class CrossEncoderModel:
         truncation_side: TruncationSide = "right",
         max_passage_tokens: int | None = None,
         instruction: str | None = None,
+        max_query_tokens: int | None = None,
     ) -> EncodedPairs:
         """Tokenize pairs; see ``PairTokenizer.tokenize`` (``instruction``: default, the model's)."""
         return self.pair_tokenizer.tokenize(
@@ -238,6 +247,7 @@ class CrossEncoderModel:
             truncation_side,
             max_passage_tokens,
             instruction if instruction is not None else self.settings.instruction,
+            max_query_tokens,
         )
 
     @torch.inference_mode()
@@ -273,22 +283,50 @@ class CrossEncoderModel:
         activation: Activation | None = None,
         max_batch_pairs: int | None = None,
         instruction: str | None = None,
+        max_chunks_per_doc: int | None = None,
     ) -> ScoreResult:
         """Score pairs ``(queries[i], passages[i])``; scores come back float32 in input order.
 
-        ``activation`` (raw logits "none", or "sigmoid"), ``max_batch_pairs`` and ``instruction``
-        default to the model's; they apply to this call alone.
+        ``activation`` (raw logits "none", or "sigmoid"), ``max_batch_pairs``, ``instruction`` and
+        ``max_chunks_per_doc`` (over 1: a long passage scores as its best window) default to the model's;
+        they apply to this call alone.
         """
         if len(queries) != len(passages):
             raise ValueError("queries and passages must have the same length")
         if not len(queries):
             return ScoreResult(np.empty(0, dtype=np.float32), 0, 0)
+        chunks = max_chunks_per_doc or self.settings.max_chunks_per_doc
+        split = None
+        if chunks > 1:
+            split = self.split_long(queries, passages, chunks, instruction)
+            queries, passages = split.queries, split.passages
         encoded = self.tokenize(queries, passages, max_length, truncation_side, instruction=instruction)
-        return ScoreResult(
-            self.score_encoded(encoded, max_batch_pairs=max_batch_pairs, activation=activation),
-            int(encoded.lengths.sum()),
-            int(encoded.truncated.sum()),
-        )
+        scores = self.score_encoded(encoded, max_batch_pairs=max_batch_pairs, activation=activation)
+        truncated = encoded.truncated
+        if split is not None:
+            scores, truncated = best_of(scores, split.owner), any_of(truncated, split.owner) | split.cut
+        return ScoreResult(scores, int(encoded.lengths.sum()), int(truncated.sum()))
+
+    def split_long(
+        self,
+        queries: Sequence[str],
+        passages: Sequence[str],
+        max_chunks: int,
+        instruction: str | None = None,
+        max_passage_tokens: int | None = None,
+        max_query_tokens: int | None = None,
+    ) -> Chunked:
+        """Pairs whose passage does not fit split into overlapping windows (``reranker.chunking``).
+
+        The caps apply first (a passage cut to ``max_passage_tokens`` is what is split).
+        """
+        prompt = instruction if instruction is not None else self.settings.instruction
+        overlap = self.settings.chunk_overlap_tokens
+        if max_passage_tokens is not None or max_query_tokens is not None:
+            queries, passages = cut_pairs(
+                self.tokenizer, queries, passages, max_query_tokens, max_passage_tokens, self.max_length
+            )
+        return split_long(self.pair_tokenizer, queries, passages, max_chunks, overlap, prompt)
 
     def score_encoded(
         self, encoded: EncodedPairs, max_batch_pairs: int | None = None, activation: Activation | None = None

@@ -130,6 +130,16 @@ class ModelOptions(BaseModel):
     false_token: str | None = Field(
         None, description="LLM rerankers: the token whose logit means irrelevant (default: the model's; no)."
     )
+    max_chunks_per_doc: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="Passages longer than a pair holds: 1 cuts them to fit; N scores up to N overlapping "
+        "windows and keeps the best (Cohere's chunking).",
+    )
+    chunk_overlap_tokens: int = Field(
+        32, ge=0, description="Tokens each window shares with the previous one (at most half a window)."
+    )
 
 
 class ModelSettings(ModelOptions, SettingsSection):  # type: ignore[misc]  # both configs merge

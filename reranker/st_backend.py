@@ -28,7 +28,7 @@ import torch
 from reranker.errors import ConfigError, ModelLoadError
 from reranker.loading import hub_options, load_failure_message
 from reranker.settings import ModelOptions
-from reranker.tokenizer import EncodedPairs, cut_passages
+from reranker.tokenizer import EncodedPairs, cut_pairs
 from reranker.types import TruncationSide
 
 _LOAD_LOCK = threading.Lock()  # weightless loading patches sentence-transformers' model loader
@@ -211,6 +211,7 @@ class TemplatePairEncoder:
         truncation_side: TruncationSide = "right",
         max_passage_tokens: int | None = None,
         instruction: str | None = None,
+        max_query_tokens: int | None = None,
     ) -> EncodedPairs:
         """Each pair's token ids as the model prepares it (padding dropped), as ``PairTokenizer.tokenize``.
 
@@ -227,8 +228,9 @@ class TemplatePairEncoder:
         limit = min(max_length or self.max_length, self.max_length)
         prompt = instruction if instruction is not None else self.default_instruction
         with self._lock, self._truncating(truncation_side, limit):
-            if max_passage_tokens is not None:
-                passages = cut_passages(self.tokenizer, passages, min(max_passage_tokens, limit))
+            queries, passages = cut_pairs(
+                self.tokenizer, queries, passages, max_query_tokens, max_passage_tokens, limit
+            )
             pairs = list(zip(queries, passages, strict=True))
             chunks = [
                 self._flat(self._prepare(pairs[i : i + _CHUNK_PAIRS], prompt))

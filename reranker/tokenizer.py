@@ -75,6 +75,7 @@ class PairEncoder(Protocol):
         truncation_side: TruncationSide = "right",
         max_passage_tokens: int | None = None,
         instruction: str | None = None,
+        max_query_tokens: int | None = None,
     ) -> EncodedPairs: ...
 
 
@@ -116,6 +117,7 @@ class PairTokenizer:
         truncation_side: TruncationSide = "right",
         max_passage_tokens: int | None = None,
         instruction: str | None = None,
+        max_query_tokens: int | None = None,
     ) -> EncodedPairs:
         """Tokenize pairs, truncating the longer side first (at its end, or start if "left").
 
@@ -127,6 +129,8 @@ class PairTokenizer:
             max_passage_tokens: Cut each passage to this many of its own tokens first (Cohere's
                 ``max_tokens_per_doc``), from the same side.
             instruction: Refused: this family has no prompt (``takes_instruction`` is False).
+            max_query_tokens: Cut each query to this many of its own tokens first (vLLM's
+                ``max_tokens_per_query``), from the same side.
 
         Raises:
             ConfigError: An instruction was given.
@@ -138,9 +142,8 @@ class PairTokenizer:
             default_side = self.tokenizer.truncation_side
             self.tokenizer.truncation_side = truncation_side
             try:
-                if max_passage_tokens is not None:  # no passage keeps more than max_length tokens anyway
-                    cap = min(max_passage_tokens, self.max_length)
-                    passages = cut_passages(self.tokenizer, passages, cap)
+                queries, passages = cut_pairs(self.tokenizer, queries, passages, max_query_tokens,
+                                              max_passage_tokens, self.max_length)  # fmt: skip
                 queries, passages = list(queries), list(passages)
                 parts = (slice(i, i + _CHUNK_PAIRS) for i in range(0, len(queries), _CHUNK_PAIRS))
                 chunks = [  # the tokenizer's per-pair objects live for one chunk at a time
@@ -203,15 +206,37 @@ class PairTokenizer:
         return backend
 
 
-def cut_passages(tokenizer: PreTrainedTokenizerBase, passages: Sequence[str], max_tokens: int) -> list[str]:
-    """Each passage cut to at most ``max_tokens`` of its own tokens, from the tokenizer's side.
+def cut_pairs(
+    tokenizer: PreTrainedTokenizerBase,
+    queries: Sequence[str],
+    passages: Sequence[str],
+    max_query_tokens: int | None,
+    max_passage_tokens: int | None,
+    limit: int,
+) -> tuple[Sequence[str], Sequence[str]]:
+    """Queries and passages each cut to its cap of its own tokens (no text keeps over ``limit`` anyway)."""
+    if max_query_tokens is not None:
+        queries = cut_texts(tokenizer, queries, min(max_query_tokens, limit))
+    if max_passage_tokens is not None:
+        passages = cut_texts(tokenizer, passages, min(max_passage_tokens, limit))
+    return queries, passages
+
+
+def cut_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int) -> list[str]:
+    """Each text cut to at most ``max_tokens`` of its own tokens, from the tokenizer's side.
 
     The cut falls between whole words (a word split across the limit is left out), so the text
-    re-tokenizes to exactly the kept tokens.
+    re-tokenizes to exactly the kept tokens. A text repeated (a request's query) is cut once.
     """
+    unique = list(dict.fromkeys(texts))
+    cut = dict(zip(unique, _cut_unique(tokenizer, unique, max_tokens), strict=True))
+    return [cut[text] for text in texts]
+
+
+def _cut_unique(tokenizer: PreTrainedTokenizerBase, passages: list[str], max_tokens: int) -> list[str]:
     if not tokenizer.is_fast:  # no offsets: rebuild the text from the kept tokens
         ids = tokenizer(list(passages), add_special_tokens=False, truncation=True, max_length=max_tokens)
-        return tokenizer.batch_decode(ids["input_ids"])
+        return list(tokenizer.batch_decode(ids["input_ids"]))
     encoding = tokenizer(
         list(passages),
         add_special_tokens=False,

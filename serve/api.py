@@ -1,71 +1,46 @@
-"""HTTP edge: FastAPI routes for the rerank APIs. Errors become HTTP answers only here.
+"""HTTP edge: the FastAPI app that serves every API dialect. Errors become HTTP answers only here.
 
-Typed bodies (validated and documented by FastAPI), and dependencies for what every route needs:
-the replica's ``RerankService``, the API-key check, and the deployment's request limits.
+Each dialect (``serve.dialects``) is mounted on its paths, its request typed (validated and documented
+by FastAPI; a path several dialects share takes the union, told apart by each one's ``claims``), and
+handed with the replica's ``RerankService`` (``serve.core``) to the dialect's handler. The API-key
+check, the body-size limit and the one error shape are here.
 
 No ``from __future__ import annotations`` here: Serve pickles the app to its replicas, and FastAPI
 needs the annotations as objects there, not as strings to resolve against the module's globals.
 """
 
+import inspect
 import logging
 import secrets
-import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
-from typing import Annotated, Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, Union
 
-import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError as FastAPIValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import Discriminator, Tag
 from ray import serve
 from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reranker.cascade import stage_names
 from reranker.errors import RerankError
-from reranker.scores import sigmoid
-from serve.cascade import CascadeRanker, Ranked, StageScorer
-from serve.engine import Truncation
+from serve.core import RerankService
+from serve.dialects import Dialect, all_dialects, by_path, dialect_of
 from serve.errors import (
     AuthenticationError,
     InvalidRequestError,
-    ModelNotFoundError,
     OverloadedError,
     PayloadTooLargeError,
     ReplicaLostError,
     RequestValidationError,
     status_of,
 )
-from serve.metrics import RerankMetrics
-from serve.schemas import (
-    UNION_TAGS,
-    AnyRerankRequest,
-    ErrorResponse,
-    Health,
-    InputTokens,
-    ModelCard,
-    ModelList,
-    RequestLimits,
-    RerankDocument,
-    RerankMeta,
-    RerankRequest,
-    RerankResponse,
-    RerankResult,
-    ScoreRequest,
-    ScoreResponse,
-    StageCard,
-    TEIRank,
-    TEIRerankRequest,
-    Usage,
-)
-from serve.settings import ServeSettings
+from serve.schemas import ErrorResponse, Health, ModelCard, ModelList, StageCard
 
-Body = TypeVar("Body", bound=RerankRequest | TEIRerankRequest | ScoreRequest)
 logger = logging.getLogger("ray.serve")
 REQUEST_ID_HEADER = "X-Request-Id"
 _DESCRIPTIONS = {
@@ -86,44 +61,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 RERANK_ERRORS = error_responses(400, 401, 404, 413, 422, 500, 503)
-
-
-@dataclass
-class RerankService:
-    """What the routes need from the replica: settings, the stages that score (one without a cascade)."""
-
-    settings: ServeSettings
-    stages: Sequence[StageScorer]
-    metrics: RerankMetrics | None
-    started: int = field(default_factory=lambda: int(time.time()))
-
-    def __post_init__(self) -> None:
-        """Rank through the stages with the cascade's k (none for a single model)."""
-        stages = self.settings.stages
-        counts = [stage.rerank_count or 0 for stage in stages[:-1]]
-        self.ranker = CascadeRanker(self.stages, counts, stage_names(stages))
-
-    @property
-    def engine(self) -> StageScorer:
-        """The last (most precise) stage: what ``/score`` uses; the only one without a cascade."""
-        return self.stages[-1]
-
-    @property
-    def limits(self) -> RequestLimits:
-        """The deployment's per-request limits."""
-        serving = self.settings.serving
-        return RequestLimits(serving.max_documents, serving.max_document_chars, serving.max_rerank_count)
-
-    def check_model(self, requested: str | None) -> None:
-        """Reject a request that names a model this server does not serve."""
-        served = self.settings.served_model_name
-        if requested and requested not in {served, self.settings.stages[-1].model}:
-            raise ModelNotFoundError(f"model: {requested!r} is not served here; use {served!r}")
-
-    def count(self, route: str) -> None:
-        """Count one request of ``route``."""
-        if self.metrics is not None:
-            self.metrics.requests.inc(tags={"route": route})
+_UNION_TAGS = {dialect.tag for dialect in all_dialects()}  # in a shared path's errors
 
 
 def find_service(request: Request) -> RerankService | None:
@@ -159,29 +97,6 @@ def require_api_key(
     given = credentials.credentials if credentials is not None else ""
     if not secrets.compare_digest(given.encode(), key.get_secret_value().encode()):
         raise AuthenticationError("missing or invalid API key")
-
-
-def _within_limits(body: Body, service: RerankService) -> Body:
-    try:
-        body.check_limits(service.limits)
-    except ValueError as exc:
-        raise RequestValidationError(str(exc)) from None
-    return body
-
-
-def rerank_body(body: RerankRequest, service: Service) -> RerankRequest:
-    """Dependency: a Cohere / Jina / vLLM body within the deployment's limits."""
-    return _within_limits(body, service)
-
-
-def any_rerank_body(body: AnyRerankRequest, service: Service) -> RerankRequest | TEIRerankRequest:
-    """Dependency: a ``/rerank`` body of either shape, within the deployment's limits."""
-    return _within_limits(body, service)
-
-
-def score_body(body: ScoreRequest, service: Service) -> ScoreRequest:
-    """Dependency: a pair-scoring body within the deployment's limits."""
-    return _within_limits(body, service)
 
 
 def create_api() -> FastAPI:
@@ -221,111 +136,47 @@ class GuardedRoute(APIRoute):
 
 def _rerank_routes() -> APIRouter:
     router = APIRouter(route_class=GuardedRoute)
-
-    @router.post("/v1/rerank", response_model=RerankResponse, responses=RERANK_ERRORS)
-    @router.post("/v2/rerank", response_model=RerankResponse, responses=RERANK_ERRORS)
-    async def rerank_documents(
-        body: Annotated[RerankRequest, Depends(rerank_body)], service: Service
-    ) -> RerankResponse:
-        """Cohere / Jina / vLLM rerank: sigmoid relevance, best first."""
-        return await rerank_cohere(service, body)
-
-    @router.post("/rerank", response_model=RerankResponse | list[TEIRank], responses=RERANK_ERRORS)
-    async def rerank_any(
-        body: Annotated[RerankRequest | TEIRerankRequest, Depends(any_rerank_body)], service: Service
-    ) -> RerankResponse | list[TEIRank]:
-        """``texts`` in the body: TEI rerank (a bare sorted array); ``documents``: Cohere / Jina / vLLM."""
-        if isinstance(body, TEIRerankRequest):
-            return await rerank_tei(service, body)
-        return await rerank_cohere(service, body)
-
-    @router.post("/score", response_model=ScoreResponse, responses=RERANK_ERRORS)
-    async def score_pairs(
-        body: Annotated[ScoreRequest, Depends(score_body)], service: Service
-    ) -> ScoreResponse:
-        """Score (query, passage) pairs; scores in input order (raw logits unless raw_scores=false)."""
-        service.check_model(body.model)
-        service.count("score")
-        if body.instruction is not None and not await service.engine.accepts_instruction():
-            raise RequestValidationError("instruction: the served model takes none (not an LLM reranker)")
-        queries, passages = [q for q, _ in body.pairs], [p for _, p in body.pairs]
-        scored = await service.engine.score(queries, passages, instruction=body.instruction)
-        scores = scored.scores if body.raw_scores else sigmoid(scored.scores)
-        return ScoreResponse(
-            model=service.settings.served_model_name,
-            scores=scores.tolist(),
-            usage=Usage(total_tokens=scored.num_tokens),
+    for path, dialects in by_path(all_dialects()).items():
+        router.add_api_route(
+            path,
+            _endpoint(dialects),
+            methods=["POST"],
+            response_model=_response_model(dialects),
+            responses=RERANK_ERRORS,
+            summary=" | ".join(dialect.name for dialect in dialects),
+            description="\n\n".join(dialect.summary for dialect in dialects),
+            operation_id="post_" + path.strip("/").replace("/", "_"),
         )
-
     return router
 
 
-async def rerank_cohere(service: RerankService, body: RerankRequest) -> RerankResponse:
-    """Score the documents (each cut to ``max_tokens_per_doc`` tokens) and sort them best first."""
-    service.check_model(body.model)
-    service.count("rerank")
-    documents = body.texts()
-    truncation = Truncation(max_passage_tokens=body.max_tokens_per_doc)
-    ranked = await service.ranker.rank(body.query, documents, truncation, body.rerank_count, body.instruction)
-    relevance = sigmoid(ranked.scores)
-    results = [
-        RerankResult(
-            index=int(i),
-            relevance_score=float(relevance[i]),
-            document=RerankDocument(text=documents[i]) if body.return_documents else None,
-            stage_scores=stage_scores(service, ranked, i, sigmoid) if body.return_stage_scores else None,
-        )
-        for i in ranked.order[: body.top_n]
-    ]
-    return RerankResponse(
-        id=str(uuid.uuid4()),
-        model=service.settings.served_model_name,
-        results=results,
-        usage=Usage(total_tokens=ranked.num_tokens),
-        meta=RerankMeta(
-            tokens=InputTokens(input_tokens=ranked.num_tokens), truncated_documents=ranked.num_truncated
+def _endpoint(dialects: list[Dialect]) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """The handler of one path: the body in whichever of its dialects it is, answered by that one."""
+
+    async def endpoint(body: Any, service: RerankService) -> Any:
+        return await dialect_of(dialects, body).handle(service, body)
+
+    parameters = [
+        inspect.Parameter(
+            "body", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_request_model(dialects)
         ),
-    )
-
-
-def stage_scores(
-    service: RerankService, ranked: Ranked, index: int, activation: Callable[[np.ndarray], np.ndarray]
-) -> dict[str, float | None]:
-    """One document's score at each stage (through the route's activation), null where it did not reach it."""
-    scores = activation(np.array([stage[index] for stage in ranked.stage_scores], dtype=np.float32))
-    return {
-        name: None if np.isnan(score) else float(score)
-        for name, score in zip(service.ranker.names, scores, strict=True)
-    }
-
-
-async def rerank_tei(service: RerankService, body: TEIRerankRequest) -> list[TEIRank]:
-    """TEI rerank: every text scored and sorted, truncated from ``truncation_direction``."""
-    service.count("rerank_tei")
-    truncation = Truncation(side=body.truncation_direction)
-    ranked = await service.ranker.rank(
-        body.query, body.texts, truncation, body.rerank_count, body.instruction
-    )
-    if not body.truncate and ranked.num_truncated:
-        raise PayloadTooLargeError(
-            f"texts: {ranked.num_truncated} inputs exceed {service.ranker.max_length} tokens "
-            "and truncate is false"
-        )
-    activation = _identity if body.raw_scores else sigmoid
-    scores = activation(ranked.scores)
-    return [
-        TEIRank(
-            index=int(i),
-            score=float(scores[i]),
-            text=body.texts[i] if body.return_text else None,
-            stage_scores=stage_scores(service, ranked, i, activation) if body.return_stage_scores else None,
-        )
-        for i in ranked.order
+        inspect.Parameter("service", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Service),
     ]
+    endpoint.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return endpoint
 
 
-def _identity(scores: np.ndarray) -> np.ndarray:
-    return scores
+def _request_model(dialects: list[Dialect]) -> Any:
+    """The body of a path: its one dialect's request, or the union of its dialects', told apart by claims."""
+    if len(dialects) == 1:
+        return dialects[0].request
+    members = tuple(Annotated[dialect.request, Tag(dialect.tag)] for dialect in dialects)
+    return Annotated[Union[members], Discriminator(lambda body: dialect_of(dialects, body).tag)]  # noqa: UP007
+
+
+def _response_model(dialects: list[Dialect]) -> Any:
+    responses = tuple(dialect.response for dialect in dialects)
+    return responses[0] if len(responses) == 1 else Union[responses]  # noqa: UP007
 
 
 def _info_routes() -> APIRouter:
@@ -372,7 +223,9 @@ def error_response(
     status: int, error_type: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     """The one error shape: ``{"error": {"type", "message"}}``."""
-    body = ErrorResponse.model_validate({"error": {"type": error_type, "message": message}})
+    body = ErrorResponse.model_validate(
+        {"error": {"type": error_type, "message": message}, "detail": message}
+    )
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
@@ -433,16 +286,21 @@ def request_error(errors: list[Any]) -> RerankError:
     for error in errors:
         if error.get("type") == "json_invalid":
             return InvalidRequestError(f"body is not valid JSON: {error.get('ctx', {}).get('error', '')}")
-        if tuple(error.get("loc", ())) == ("body",) and error.get("type") != "missing":
+        if field_path(error) == [] and not isinstance(error.get("input"), dict):
             return InvalidRequestError("body must be a JSON object")
     return RequestValidationError(describe_errors(errors))
+
+
+def field_path(error: Any) -> list[str]:
+    """Where in the body a validation error is: its loc without ``body`` and a shared path's dialect tag."""
+    return [str(part) for part in error.get("loc", ()) if part != "body" and part not in _UNION_TAGS]
 
 
 def describe_errors(errors: list[Any]) -> str:
     """Pydantic errors as ``field: message; ...`` (the field path is always named)."""
     parts = []
     for error in errors:
-        path = [str(part) for part in error.get("loc", ()) if part != "body" and part not in UNION_TAGS]
+        path = field_path(error)
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{'.'.join(path) or 'body'}: {message}")
     return "; ".join(parts)

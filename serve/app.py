@@ -21,8 +21,9 @@ from ray.serve import Application
 from reranker.cascade import CascadeStage, model_options, stage_names
 from reranker.errors import ConfigError
 from reranker.settings import ModelSettings
-from serve.api import RerankService, create_api
+from serve.api import create_api
 from serve.cascade import RemoteStage
+from serve.core import RerankService
 from serve.engine import RerankEngine, Scored, Truncation, UserConfig
 from serve.metrics import RerankMetrics
 from serve.settings import ServeSettings

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pydantic
 
+from reranker.chunking import any_of, best_of
 from reranker.errors import ConfigError
 from reranker.types import TruncationSide
 from serve.errors import OverloadedError
@@ -125,6 +126,8 @@ class Truncation:
 
     max_passage_tokens: int | None = None
     side: TruncationSide = "right"
+    max_query_tokens: int | None = None
+    max_chunks: int | None = None  # over 1: a long passage scores as its best window (None: the model's)
 
 
 DEFAULT_TRUNCATION = Truncation()
@@ -331,12 +334,36 @@ class RerankEngine:
         """Score pairs through the shared batching queue; raw logits in input order.
 
         ``instruction`` (None: the model's setting) reaches a model that takes one (``accepts_instruction``).
+        With ``truncation.max_chunks`` (or the model's ``max_chunks_per_doc``) over 1, a passage too long
+        for its pair is scored as its best window (``reranker.chunking``): the windows are pairs of this
+        request in the queue, so they ride the same token-budget batches and count against its bound.
 
         Raises:
             OverloadedError: The replica already holds ``max_pending_pairs`` pairs.
             Exception: Scoring this request's pairs failed (other requests in its batch are unaffected).
 
         """
+        max_chunks = truncation.max_chunks or self.model.settings.max_chunks_per_doc
+        if max_chunks == 1:
+            return await self._score_pairs(queries, passages, truncation, instruction)
+        loop = asyncio.get_running_loop()
+        split = await loop.run_in_executor(
+            None,
+            self.model.split_long,
+            queries,
+            passages,
+            max_chunks,
+            instruction,
+            truncation.max_passage_tokens,
+            truncation.max_query_tokens,
+        )
+        scored = await self._score_pairs(split.queries, split.passages, truncation, instruction)
+        truncated = any_of(scored.truncated, split.owner) | split.cut
+        return Scored(best_of(scored.scores, split.owner), scored.num_tokens, truncated)
+
+    async def _score_pairs(
+        self, queries: Sequence[str], passages: Sequence[str], truncation: Truncation, instruction: str | None
+    ) -> Scored:
         count, limit = len(queries), self.batching.max_pending_pairs
         if self.pending_pairs and self.pending_pairs + count > limit:
             raise OverloadedError(f"server busy: {self.pending_pairs} pairs queued (limit {limit})")
@@ -345,11 +372,11 @@ class RerankEngine:
             Chunk(list(queries[i : i + step]), list(passages[i : i + step]), truncation, instruction)
             for i in range(0, count, step)
         ]
-        self.pending_pairs += count
+        self._pending(count)
         try:
             parts: list[Scored | Exception] = await asyncio.gather(*map(self.queue.submit, chunks))
         finally:
-            self.pending_pairs -= count
+            self._pending(-count)
         scored = [part for part in parts if not isinstance(part, Exception)]
         if len(scored) < len(parts):
             raise next(part for part in parts if isinstance(part, Exception))
@@ -358,6 +385,12 @@ class RerankEngine:
             num_tokens=sum(part.num_tokens for part in scored),
             truncated=np.concatenate([part.truncated for part in scored]),
         )
+
+    def _pending(self, change: int) -> None:
+        """Admit (or release) ``change`` pairs, and export the queue depth."""
+        self.pending_pairs += change
+        if self.metrics is not None:
+            self.metrics.pending_pairs.set(self.pending_pairs, tags={"stage": self.stage})
 
     async def _run_batch(self, chunks: list[Chunk]) -> list[Scored | Exception]:
         loop = asyncio.get_running_loop()
@@ -395,6 +428,7 @@ class RerankEngine:
             truncation_side=truncation.side,
             max_passage_tokens=truncation.max_passage_tokens,
             instruction=instruction,
+            max_query_tokens=truncation.max_query_tokens,
         )
         scores = self.model.score_encoded(
             encoded, max_batch_pairs=self.batching.max_batch_pairs, activation="none"
@@ -433,9 +467,13 @@ class RerankEngine:
     async def health_check(self) -> str | None:
         """Raise unless the model scored a batch or a probe within the health interval.
 
+        Serve calls it every ``health_check_period_s``: it also re-exports the queue depth, a gauge Ray
+        stops exporting when it is not set for two report intervals.
+
         Returns:
             Why the last ``user_config`` was refused, if it was (the settings in force stayed).
         """
+        self._pending(0)
         await self.health.check()
         return self.config_refused
 
@@ -454,10 +492,11 @@ def _by_preparation(chunks: list[Chunk]) -> list[list[int]]:
     return [list(group) for _, group in itertools.groupby(order, key=lambda i: _sort_key(chunks[i]))]
 
 
-def _sort_key(chunk: Chunk) -> tuple[int, str, str, bool]:
+def _sort_key(chunk: Chunk) -> tuple[int, int, str, str, bool]:
     truncation = chunk.truncation
     return (
         truncation.max_passage_tokens or 0,
+        truncation.max_query_tokens or 0,
         truncation.side,
         chunk.instruction or "",
         chunk.instruction is None,

@@ -51,7 +51,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.errors import ReplicaLostError, status_of
-from serve.schemas import ErrorBody, ErrorResponse
+from serve.schemas import ErrorResponse
 from serve.settings import (
     DEFAULT_APPS,
     DEFAULT_BUFFER_BYTES,
@@ -64,7 +64,18 @@ from serve.settings import (
 
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "serve.proxy:proxy_middlewares"
-SCORING_ROUTES = frozenset({"/v1/rerank", "/v2/rerank", "/rerank", "/score"})  # idempotent POST routes
+SCORING_ROUTES = frozenset(  # idempotent POST routes: every dialect's paths (serve.dialects; a test checks)
+    {
+        "/v1/rerank",
+        "/v2/rerank",
+        "/rerank",
+        "/infinity/rerank",
+        "/score",
+        "/v1/score",
+        "/v1/ranking",
+        "/reranking",
+    }
+)
 RETRIES = 1  # tries after the first; it lands on a live replica once the router knows
 RETRIES_PER_REPLICA_DEATH = 32  # a replica's death makes at most this many retries (per proxy)
 REMEMBERED_DEATHS = 256  # the retry budgets of older deaths are forgotten
@@ -369,7 +380,7 @@ def _declared_length(scope: Scope) -> int:
 async def send_replica_lost(send: Send) -> None:
     """The designed answer when a retry was lost too or not allowed: 503, ``Retry-After``, the error shape."""
     error = ReplicaLostError("the replica serving this request stopped; retry the request")
-    body = ErrorResponse(error=ErrorBody(type=error.error_type, message=str(error)))
+    body = ErrorResponse.of(error.error_type, str(error))
     payload = body.model_dump_json().encode()
     headers = [
         (b"content-type", b"application/json"),

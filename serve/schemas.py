@@ -1,9 +1,9 @@
-"""Request and response schemas of the rerank APIs (Cohere / Jina / vLLM, TEI, pair scoring).
+"""Schemas every API dialect shares: texts, limits, usage, models, health and the one error shape.
 
-Shapes and fixed rules (types, non-empty lists, ``top_n >= 1``) are declared on the fields, so FastAPI
-validates them and documents them in OpenAPI. A deployment's own limits (documents per request,
-characters per text) are declared here too, as ``check_limits``, which the routes' dependencies
-call with the replica's ``RequestLimits``. Importing this module does not import torch.
+Each dialect's own request and response live in its module (``serve.dialects``). Fixed rules (types,
+non-empty lists) are declared on the fields, so FastAPI validates them and documents them in OpenAPI;
+a deployment's own limits (``RequestLimits``) are checked by the core (``serve.core``). Importing this
+module does not import torch.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
-
-from reranker.types import TruncationSide
+from pydantic import AfterValidator, BaseModel, Field
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,7 @@ class RequestLimits:
             raise ValueError(f"{field}: has {count} items; the limit is {self.max_documents}")
 
 
-MAX_TOKENS_PER_DOC = 1_000_000  # far past any model's max_length (what a document keeps at most)
+MAX_TOKENS = 1_000_000  # far past any model's max_length (what a text keeps at most)
 INSTRUCTION_DESCRIPTION = (
     "LLM rerankers: the task description in the model's prompt (vLLM's `instruction`); default: the "
     "model's. A request for a model that takes none is a 422."
@@ -75,125 +73,13 @@ NonBlankText = Annotated[
 DocumentText = Annotated[str, Field(json_schema_extra=_NOT_BLANK_PATTERN)]
 
 
-class TextDocument(BaseModel):
-    """A document given as an object (Cohere v2 / Jina style)."""
-
-    model_config = ConfigDict(extra="allow")
-    text: DocumentText
+def _absent(value: object) -> bool:
+    return value is None
 
 
-class RerankRequest(BaseModel):
-    """Cohere / Jina / vLLM ``/v1/rerank`` request."""
-
-    model_config = ConfigDict(extra="ignore")
-    query: NonBlankText
-    documents: Annotated[list[DocumentText | TextDocument], Field(min_length=1)]
-    top_n: int | None = Field(None, ge=1)
-    return_documents: bool = False
-    model: str | None = None
-    max_tokens_per_doc: int | None = Field(
-        None, ge=1, le=MAX_TOKENS_PER_DOC, description="Cut each document to this many tokens."
-    )
-    rerank_count: int | None = Field(
-        None, ge=1, description="Cascades only: documents the last stage rescores (default: configured)."
-    )
-    return_stage_scores: bool = Field(False, description="Add each stage's score to every result.")
-    instruction: NonBlankText | None = Field(None, description=INSTRUCTION_DESCRIPTION)
-
-    @field_validator("documents")
-    @classmethod
-    def _documents_not_blank(cls, documents: list[str | TextDocument]) -> list[str | TextDocument]:
-        check_not_blank((doc if isinstance(doc, str) else doc.text for doc in documents), "document")
-        return documents
-
-    def texts(self) -> list[str]:
-        """Document texts in request order."""
-        return [doc if isinstance(doc, str) else doc.text for doc in self.documents]
-
-    def check_limits(self, limits: RequestLimits) -> None:
-        """Raise ``ValueError`` naming the field that breaks the deployment's limits."""
-        limits.check("query", [self.query], "query")
-        limits.check("documents", self.texts(), "a document")
-        limits.check("instruction", [self.instruction or ""], "the instruction")
-        limits.check_rerank_count(self.rerank_count)
-
-
-class TEIRerankRequest(BaseModel):
-    """Hugging Face Text Embeddings Inference ``/rerank`` request."""
-
-    model_config = ConfigDict(extra="ignore")
-    query: NonBlankText
-    texts: Annotated[list[DocumentText], Field(min_length=1)]
-    raw_scores: bool = False
-    return_text: bool = False
-    truncate: bool = True
-    truncation_direction: TruncationSide = "right"
-    rerank_count: int | None = Field(
-        None, ge=1, description="Cascades only: documents the last stage rescores (default: configured)."
-    )
-    return_stage_scores: bool = Field(False, description="Add each stage's score to every result.")
-    instruction: NonBlankText | None = Field(None, description=INSTRUCTION_DESCRIPTION)
-
-    @field_validator("texts")
-    @classmethod
-    def _texts_not_blank(cls, texts: list[str]) -> list[str]:
-        check_not_blank(texts, "text")
-        return texts
-
-    @field_validator("truncation_direction", mode="before")
-    @classmethod
-    def _lowercase_direction(cls, value: object) -> object:
-        """TEI clients send "Right" / "Left"."""
-        return value.lower() if isinstance(value, str) else value
-
-    def check_limits(self, limits: RequestLimits) -> None:
-        """Raise ``ValueError`` naming the field that breaks the deployment's limits."""
-        limits.check("query", [self.query], "query")
-        limits.check("texts", self.texts, "a text")
-        limits.check("instruction", [self.instruction or ""], "the instruction")
-        limits.check_rerank_count(self.rerank_count)
-
-
-def _rerank_kind(body: Any) -> str:
-    has_texts = "texts" in body if isinstance(body, dict) else isinstance(body, TEIRerankRequest)
-    return "tei" if has_texts else "cohere"
-
-
-AnyRerankRequest = Annotated[
-    Annotated[RerankRequest, Tag("cohere")] | Annotated[TEIRerankRequest, Tag("tei")],
-    Discriminator(_rerank_kind),
-]
-"""``/rerank`` takes either shape: ``texts`` means TEI, else Cohere / Jina / vLLM."""
-UNION_TAGS = ("cohere", "tei")
-
-
-class ScoreRequest(BaseModel):
-    """A batch of (query, passage) pairs to score in order."""
-
-    model_config = ConfigDict(extra="ignore")
-    pairs: Annotated[list[tuple[DocumentText, DocumentText]], Field(min_length=1)]
-    raw_scores: bool = True
-    model: str | None = None
-    instruction: NonBlankText | None = Field(None, description=INSTRUCTION_DESCRIPTION)
-
-    @field_validator("pairs")
-    @classmethod
-    def _pairs_not_blank(cls, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        check_not_blank((query for query, _ in pairs), "the query of pair")
-        check_not_blank((passage for _, passage in pairs), "the passage of pair")
-        return pairs
-
-    def check_limits(self, limits: RequestLimits) -> None:
-        """Raise ``ValueError`` naming the field that breaks the deployment's limits."""
-        limits.check("pairs", (query for query, _ in self.pairs), "a query")
-        limits.check("pairs", (passage for _, passage in self.pairs), "a passage")
-        limits.check("instruction", [self.instruction or ""], "the instruction")
-
-
-class RerankDocument(BaseModel):
-    """The document echoed back when ``return_documents`` is true."""
-
-    text: str
+def omitted() -> Any:
+    """An answer's optional field, left out (not null) when it is None: what clients of each API expect."""
+    return Field(default=None, exclude_if=_absent)
 
 
 StageScores = Annotated[
@@ -205,73 +91,33 @@ StageScores = Annotated[
 ]
 
 
-class RerankResult(BaseModel):
-    """One scored document: its index in the request and its relevance score."""
+def rerank_count_field() -> Any:
+    """Our ``rerank_count`` field, the same on every rerank dialect."""
+    return Field(
+        None, ge=1, description="Cascades only: documents the last stage rescores (default: configured)."
+    )
 
-    index: int
-    relevance_score: float
-    document: RerankDocument | None = None
-    stage_scores: StageScores = None
+
+def stage_scores_field() -> Any:
+    """Our ``return_stage_scores`` field, the same on every rerank dialect."""
+    return Field(False, description="Add each stage's score to every result.")
+
+
+def instruction_field() -> Any:
+    """The ``instruction`` field (vLLM's name), the same on every dialect."""
+    return Field(None, description=INSTRUCTION_DESCRIPTION)
 
 
 class Usage(BaseModel):
-    """Token accounting."""
+    """Token accounting: the tokens fed to the model (every stage), as prompt and total tokens."""
 
+    prompt_tokens: int
     total_tokens: int
 
-
-class ApiVersion(BaseModel):
-    """Cohere's API version marker."""
-
-    version: str = "2"
-
-
-class BilledUnits(BaseModel):
-    """Cohere's billing unit: one search per request."""
-
-    search_units: int = 1
-
-
-class InputTokens(BaseModel):
-    """Tokens fed to the model for this request."""
-
-    input_tokens: int
-
-
-class RerankMeta(BaseModel):
-    """Cohere-style ``meta``: API version, billed units, tokens, and documents cut to fit."""
-
-    api_version: ApiVersion = ApiVersion()
-    billed_units: BilledUnits = BilledUnits()
-    tokens: InputTokens
-    truncated_documents: int
-
-
-class RerankResponse(BaseModel):
-    """Cohere / Jina / vLLM rerank response, results sorted best first."""
-
-    id: str
-    model: str
-    results: list[RerankResult]
-    usage: Usage
-    meta: RerankMeta
-
-
-class TEIRank(BaseModel):
-    """One TEI result."""
-
-    index: int
-    score: float
-    text: str | None = None
-    stage_scores: StageScores = None
-
-
-class ScoreResponse(BaseModel):
-    """Scores in the order of the request's pairs."""
-
-    model: str
-    scores: list[float]
-    usage: Usage
+    @classmethod
+    def of(cls, tokens: int) -> Usage:
+        """Usage of ``tokens`` model input tokens (a reranker generates none)."""
+        return cls(prompt_tokens=tokens, total_tokens=tokens)
 
 
 class StageCard(BaseModel):
@@ -325,6 +171,15 @@ class ErrorBody(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """The one error shape: ``{"error": {"type": ..., "message": ...}}``."""
+    """The one error shape: ``{"error": {"type": ..., "message": ...}, "detail": message}``.
+
+    ``detail`` repeats the message where FastAPI's own errors put it (Jina's clients read it).
+    """
 
     error: ErrorBody
+    detail: str
+
+    @classmethod
+    def of(cls, error_type: str, message: str) -> ErrorResponse:
+        """The error answer of a kind and a message."""
+        return cls(error=ErrorBody(type=error_type, message=message), detail=message)

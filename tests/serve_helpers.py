@@ -12,7 +12,8 @@ import httpx
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from serve.api import RerankService, create_api
+from serve.api import create_api
+from serve.core import RerankService
 from serve.engine import RerankEngine
 from serve.settings import ServeSettings
 from serve.shape import batching_config
@@ -38,7 +39,7 @@ class RecordingMetric:
         self.values.append(value)
         self.tags.append(tags or {})
 
-    observe = inc
+    observe = set = inc
 
 
 class RecordingMetrics:

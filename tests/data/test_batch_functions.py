@@ -169,7 +169,7 @@ def test_token_offsets_are_64_bit():
     tokens = tokenize_table(Tokenizer(), table, "query", "passage")  # type: ignore[arg-type]
     assert tokens.schema.field("input_ids").type == pa.large_list(pa.int32())
     assert tokens.schema.field("token_type_ids").type == pa.large_list(pa.int32())
-    encoded, valid = encoded_from_table(tokens)
+    encoded, valid, _ = encoded_from_table(tokens)
     assert valid.tolist() == [True, False, True] and encoded.pair_ids() == [[0, 1, 2], [3, 4, 5]]
 
 

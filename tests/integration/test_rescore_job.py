@@ -157,10 +157,19 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, capsys, tiny_model_dir,
 
 
 def test_rerun_of_a_finished_job_does_nothing_and_a_changed_one_is_refused(tmp_path, capsys, tiny_model_dir):
-    """Same command again: nothing rescored. Changed settings or foreign data: refused unless --overwrite."""
+    """Same command again: nothing rescored. Changed settings or foreign data: refused unless --overwrite.
+    --dry-run says each of these before it happens, and writes nothing."""
     pq.write_table(pairs_table(), tmp_path / "in.parquet")
     args = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out")]
+    code, out, _ = run_job(capsys, tiny_model_dir, *args, "--dry-run")
+    assert code == 0 and not (tmp_path / "out").exists()
+    assert "1 files, 12 rows" in out and "out: new" in out and "1 committed" not in out
+    assert "0 committed (resumed), 1 to score" in out and "stage 1: " in out and "ActorPoolPlan(" in out
     assert run_job(capsys, tiny_model_dir, *args)[0] == 0
+    code, out, _ = run_job(capsys, tiny_model_dir, *args, "--dry-run")
+    assert "complete: a run does nothing" in out and "1 committed (resumed), 0 to score" in out
+    code, out, _ = run_job(capsys, tiny_model_dir, *args, "--dry-run", "--max-length", "32")
+    assert code == 0 and "made by other settings (max_length (512 -> 32))" in out
     first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("part-*")}
     code, out, _ = run_job(capsys, tiny_model_dir, *args)
     assert code == 0 and "rows written 12" in out and "units 1 (1 resumed)" in out

@@ -4,6 +4,8 @@ Route behaviour is tested in-process (tests/unit/test_api.py); these few tests c
 running Serve shows.
 """
 
+import json
+import re
 import threading
 import time
 
@@ -12,6 +14,7 @@ import pytest
 import requests
 
 from reranker.model import sigmoid
+from tests.helpers import REPO_ROOT
 from tests.serve_helpers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
@@ -160,3 +163,40 @@ def test_a_bad_user_config_is_refused_and_the_replica_keeps_serving(server, tiny
     deploy(tiny_model_dir, {"max_batch_pairs": 4})
     wait_for(lambda: health(server) == {"status": "ok"})
     assert replica_batching()["max_batch_pairs"] == 4
+
+
+def scrape() -> dict[str, set[frozenset[str]]]:
+    """This node's Prometheus endpoint as Ray exports it: each metric name and its series' label names."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    series: dict[str, set[frozenset[str]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            series.setdefault(sample.name, set()).add(frozenset(sample.labels))
+    return series
+
+
+def test_the_metrics_a_scrape_shows_are_the_documented_and_charted_ones(server, tiny_model_dir):
+    """Traffic (a rerank with a truncated document, a TEI rerank, an error, a refused user_config), then
+    a real scrape: every ray_rerank_* name the docs list is there with Serve's deployment / replica /
+    application labels, and every metric the Grafana dashboard charts is there."""
+    deploy(tiny_model_dir, {"max_batch_pairs": 0})
+    wait_for(lambda: bool((health(server) or {}).get("config_refused")))
+    deploy(tiny_model_dir, {"max_batch_pairs": 8})
+    wait_for(lambda: health(server) == {"status": "ok"})
+    post(server, "/v1/rerank", {"query": QUERY, "documents": [*DOCS, "solar " * 100]})  # one is truncated
+    post(server, "/rerank", {"query": QUERY, "texts": DOCS})
+    assert post(server, "/v1/rerank", {"query": QUERY, "documents": []}).status_code == 422
+    documented = set(re.findall(r"`(ray_rerank_\w+)", (REPO_ROOT / "docs" / "serving.md").read_text()))
+    dashboard = json.loads((REPO_ROOT / "configs" / "grafana-dashboard.json").read_text())
+    charted = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"\b(ray_\w+)\{", target["expr"])}  # fmt: skip
+    assert len(documented) >= 9 and len(charted) >= 10
+    wanted = documented | charted
+    wait_for(lambda: wanted <= set(scrape()), timeout_s=90)  # Ray exports every few seconds
+    series = scrape()
+    for name in documented:
+        assert any({"deployment", "replica", "application"} <= labels for labels in series[name]), name

@@ -139,7 +139,7 @@ def test_health_models_and_openapi(app, tiny_model):
         ({"query": QUERY, "documents": ["d"] * 51}, 422, "validation_error", ("documents", "limit is 50")),
         ({"query": QUERY, "documents": ["x" * 2001]}, 422, "validation_error", ("documents", "2001 char")),
         ({"query": "q" * 2001, "documents": DOCS}, 422, "validation_error", ("query", "2001 characters")),
-        ({"query": QUERY, "documents": DOCS, "top_n": 0}, 422, "validation_error", ("top_n",)),
+        ({"query": QUERY, "documents": DOCS, "top_n": -1}, 422, "validation_error", ("top_n",)),
         ({"query": QUERY, "documents": DOCS, "max_tokens_per_doc": 10**20}, 422, "validation_error",
          ("max_tokens_per_doc",)),
         ({"query": QUERY, "documents": []}, 422, "validation_error", ("documents",)),
