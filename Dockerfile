@@ -3,7 +3,7 @@
 FROM rayproject/ray:2.60.0-py311-gpu
 
 WORKDIR /home/ray/ray-rerank
-COPY --chown=ray:users pyproject.toml constraints.txt README.md ./
+COPY --chown=ray:users pyproject.toml constraints.txt README.md LICENSE ./
 # torch first and pinned (the CUDA build on Linux), then the project against the known-good constraints.
 RUN pip install --no-cache-dir torch==2.13.0
 COPY --chown=ray:users reranker reranker
