@@ -11,12 +11,13 @@ needs the annotations as objects there, not as strings to resolve against the mo
 
 import inspect
 import logging
+import re
 import secrets
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Union
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError as FastAPIValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -139,7 +140,7 @@ def _rerank_routes() -> APIRouter:
     for path, dialects in by_path(all_dialects()).items():
         router.add_api_route(
             path,
-            _endpoint(dialects),
+            _endpoint(dialects, path),
             methods=["POST"],
             response_model=_response_model(dialects),
             responses=RERANK_ERRORS,
@@ -150,17 +151,23 @@ def _rerank_routes() -> APIRouter:
     return router
 
 
-def _endpoint(dialects: list[Dialect]) -> Callable[..., Coroutine[Any, Any, Any]]:
-    """The handler of one path: the body in whichever of its dialects it is, answered by that one."""
+def _endpoint(dialects: list[Dialect], path: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """The handler of one path: the body in whichever of its dialects it is, answered by that one.
 
-    async def endpoint(body: Any, service: RerankService) -> Any:
+    A path parameter (``/v1/retrieval/{model_path}/reranking``) is declared, for OpenAPI, and unused.
+    """
+
+    async def endpoint(body: Any, service: RerankService, **_path: str) -> Any:
         return await dialect_of(dialects, body).handle(service, body)
 
+    keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
     parameters = [
-        inspect.Parameter(
-            "body", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_request_model(dialects)
+        inspect.Parameter("body", keyword, annotation=_request_model(dialects)),
+        inspect.Parameter("service", keyword, annotation=Service),
+        *(
+            inspect.Parameter(name, keyword, annotation=Annotated[str, Path(description="Not used.")])
+            for name in re.findall(r"{(\w+)}", path)
         ),
-        inspect.Parameter("service", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Service),
     ]
     endpoint.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     return endpoint

@@ -1,5 +1,7 @@
 """Each API dialect in-process (no Serve): its fields, defaults and shape, its scores equal the model's."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -155,6 +157,7 @@ def test_every_dialect_path_is_documented_and_retried_by_the_proxy(app):
     for path in paths:
         post = spec["paths"][path]["post"]
         assert "requestBody" in post
+        assert [parameter["name"] for parameter in post.get("parameters", [])] == re.findall(r"{(\w+)}", path)
         assert {"200", "400", "401", "404", "413", "422", "500", "503"} <= set(post["responses"])
 
 
