@@ -23,7 +23,7 @@ import ray.data
 
 from jobs.commit import commit_table, list_names, remove_files, remove_path
 from jobs.settings import JobSettings
-from jobs.storage import Location, storage_call
+from jobs.storage import Location, parallel_map, storage_call
 from jobs.units import WorkUnit
 from reranker.cascade import cascade_order, monotone_scores
 from reranker.scores import sigmoid
@@ -169,12 +169,16 @@ def rank_scored(
 
 
 def move_files(source: Location, destination: Location) -> None:
-    """Move the visible files directly under ``source`` into ``destination`` (same filesystem)."""
-    for name in sorted(list_names(source, prefix="")):
-        if not name.startswith(("_", ".")):
-            path = posixpath.join(source.path, name)
-            target = posixpath.join(destination.path, name)
-            storage_call(functools.partial(source.fs.mv, path, target), f"moving {path}")
+    """Move the visible files directly under ``source`` into ``destination`` (same filesystem) in parallel."""
+
+    def move(name: str) -> None:
+        path = posixpath.join(source.path, name)
+        target = posixpath.join(destination.path, name)
+        storage_call(functools.partial(source.fs.mv, path, target), f"moving {path}")
+
+    parallel_map(
+        move, [name for name in sorted(list_names(source, prefix="")) if not name.startswith(("_", "."))]
+    )
 
 
 def commit_ranked(batch: pa.Table, destination: Location) -> pa.Table:
