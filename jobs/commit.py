@@ -80,7 +80,9 @@ def committed_counts(location: Location, names: Sequence[str]) -> dict[str, dict
 
     location.fs.invalidate_cache(location.path)  # the files were written by other processes
     counts = parallel_map(
-        lambda name: storage_call(functools.partial(counts_of, name), f"reading {name}"), names
+        lambda name: storage_call(functools.partial(counts_of, name), f"reading {name}"),
+        names,
+        location.concurrency,
     )
     return dict(zip(names, counts, strict=True))
 
@@ -96,8 +98,8 @@ def list_names(location: Location, prefix: str = "part-") -> set[str]:
 
 
 def remove_files(location: Location, names: Sequence[str]) -> None:
-    """Delete the named files (and directories) under ``location`` that exist (several at once)."""
-    parallel_map(lambda name: remove_path(location.child(name)), names)
+    """Delete the named files (and directories) under ``location`` that exist (several at once on a store)."""
+    parallel_map(lambda name: remove_path(location.child(name)), names, location.concurrency)
 
 
 def remove_path(location: Location) -> None:

@@ -169,16 +169,15 @@ def rank_scored(
 
 
 def move_files(source: Location, destination: Location) -> None:
-    """Move the visible files directly under ``source`` into ``destination`` (same filesystem) in parallel."""
+    """Move the visible files directly under ``source`` into ``destination`` (same filesystem)."""
 
     def move(name: str) -> None:
         path = posixpath.join(source.path, name)
         target = posixpath.join(destination.path, name)
         storage_call(functools.partial(source.fs.mv, path, target), f"moving {path}")
 
-    parallel_map(
-        move, [name for name in sorted(list_names(source, prefix="")) if not name.startswith(("_", "."))]
-    )
+    names = [name for name in sorted(list_names(source, prefix="")) if not name.startswith(("_", "."))]
+    parallel_map(move, names, source.concurrency)
 
 
 def commit_ranked(batch: pa.Table, destination: Location) -> pa.Table:

@@ -76,21 +76,21 @@ def storage_call(action: Callable[[], T], what: str) -> T:
         ) from exc
 
 
-def parallel_map(action: Callable[[S], T], items: Sequence[S]) -> list[T]:
-    """``action`` on every item, results in order, at most ``STORAGE_CONCURRENCY`` storage calls at once.
+def parallel_map(action: Callable[[S], T], items: Sequence[S], workers: int = STORAGE_CONCURRENCY) -> list[T]:
+    """``action`` on every item, results in order, at most ``workers`` at once (one: a plain loop).
 
     Only a bounded window of items is queued (memory stays flat at 100,000 items). The first error, in
     the items' order, is raised as a loop would raise it, and the items not yet started are cancelled.
     """
-    if len(items) <= 1:
+    if len(items) <= 1 or workers <= 1:
         return [action(item) for item in items]
     results: list[T] = []
     pending: deque[Future[T]] = deque()
-    with ThreadPoolExecutor(max_workers=STORAGE_CONCURRENCY, thread_name_prefix="storage") as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="storage") as pool:
         try:
             for item in items:
                 pending.append(pool.submit(action, item))
-                if len(pending) >= 4 * STORAGE_CONCURRENCY:
+                if len(pending) >= 4 * workers:
                     results.append(pending.popleft().result())
             while pending:
                 results.append(pending.popleft().result())
@@ -115,6 +115,14 @@ class Location:
     def child(self, name: str) -> Location:
         """The location of ``name`` under this one."""
         return Location(self.fs, posixpath.join(self.path, name))
+
+    @property
+    def concurrency(self) -> int:
+        """Storage calls to keep in flight at once: ``STORAGE_CONCURRENCY`` (each call a round trip).
+
+        1 on local disk: a call there costs microseconds, and threads would only add their overhead.
+        """
+        return 1 if self.is_local else STORAGE_CONCURRENCY
 
     def arrow_filesystem(self) -> pafs.FileSystem | None:
         """Filesystem for Ray Data: None (Arrow's native local) or fsspec wrapped for Arrow."""
@@ -156,7 +164,9 @@ class InputPlan:
         From the listing where it gave both (no request per file), else from each file's ``info``.
         """
         return parallel_map(
-            lambda path: _file_version(self.location, path, self.listed.get(path)), self.files
+            lambda path: _file_version(self.location, path, self.listed.get(path)),
+            self.files,
+            self.location.concurrency,
         )
 
 
@@ -505,4 +515,6 @@ def count_rows(location: Location) -> int:
     location.fs.invalidate_cache(location.path)
     found = storage_call(lambda: location.fs.find(location.path), f"listing {location.path}")
     files = [name for name in found if _is_data_file(name, location.path)]
-    return sum(parallel_map(lambda path: read_footer(location.fs, path).num_rows, files))
+    return sum(
+        parallel_map(lambda path: read_footer(location.fs, path).num_rows, files, location.concurrency)
+    )

@@ -5,6 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 from jobs import retries
 from jobs.commit import commit_table, committed_counts
@@ -232,12 +233,16 @@ def test_an_output_that_does_not_hold_the_rows_expected_is_never_marked_complete
 
 
 def test_committed_counts_of_many_units_keep_their_names_and_a_foreign_file_is_named(tmp_path):
-    """Counts are read several at once, each under its own name; a file the job did not write is named."""
-    location = Location(LocalFileSystem(), str(tmp_path))
+    """On an object store counts are read several at once, each under its own name; a file the job did not
+    write is named."""
+    location = Location(MemoryFileSystem(), f"/{tmp_path.name}")
+    assert location.concurrency > 1
     names = [f"part-{index}.parquet" for index in range(40)]
     for index, name in enumerate(names):
         commit_table(location, name, pa.table({"x": list(range(index))}), {"rows": index})
     assert committed_counts(location, names) == {name: {"rows": index} for index, name in enumerate(names)}
-    pq.write_table(pa.table({"x": [1]}), tmp_path / "part-7.parquet")
+    with location.fs.open(f"{location.path}/part-7.parquet", "wb") as handle:
+        pq.write_table(pa.table({"x": [1]}), handle)
     with pytest.raises(OutputError, match=r"part-7.parquet was not written by this job"):
         committed_counts(location, names)
+    location.fs.rm(location.path, recursive=True)
