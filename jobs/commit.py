@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.retries import with_retries
-from jobs.storage import Location, exists, storage_call
+from jobs.storage import Location, exists, parallel_map, storage_call
 from reranker.errors import OutputError
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,12 @@ def committed_counts(location: Location, names: Sequence[str]) -> dict[str, dict
         return dict(json.loads(metadata[COUNTS_KEY]))
 
     location.fs.invalidate_cache(location.path)  # the files were written by other processes
-    return {name: storage_call(functools.partial(counts_of, name), f"reading {name}") for name in names}
+    counts = parallel_map(
+        lambda name: storage_call(functools.partial(counts_of, name), f"reading {name}"),
+        names,
+        location.concurrency,
+    )
+    return dict(zip(names, counts, strict=True))
 
 
 def list_names(location: Location, prefix: str = "part-") -> set[str]:
@@ -93,9 +98,8 @@ def list_names(location: Location, prefix: str = "part-") -> set[str]:
 
 
 def remove_files(location: Location, names: Sequence[str]) -> None:
-    """Delete the named files (and directories) under ``location`` that exist."""
-    for name in names:
-        remove_path(location.child(name))
+    """Delete the named files (and directories) under ``location`` that exist (several at once on a store)."""
+    parallel_map(lambda name: remove_path(location.child(name)), names, location.concurrency)
 
 
 def remove_path(location: Location) -> None:

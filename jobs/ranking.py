@@ -23,7 +23,7 @@ import ray.data
 
 from jobs.commit import commit_table, list_names, remove_files, remove_path
 from jobs.settings import JobSettings
-from jobs.storage import Location, storage_call
+from jobs.storage import Location, parallel_map, storage_call
 from jobs.units import WorkUnit
 from reranker.cascade import cascade_order, monotone_scores
 from reranker.scores import sigmoid
@@ -170,11 +170,14 @@ def rank_scored(
 
 def move_files(source: Location, destination: Location) -> None:
     """Move the visible files directly under ``source`` into ``destination`` (same filesystem)."""
-    for name in sorted(list_names(source, prefix="")):
-        if not name.startswith(("_", ".")):
-            path = posixpath.join(source.path, name)
-            target = posixpath.join(destination.path, name)
-            storage_call(functools.partial(source.fs.mv, path, target), f"moving {path}")
+
+    def move(name: str) -> None:
+        path = posixpath.join(source.path, name)
+        target = posixpath.join(destination.path, name)
+        storage_call(functools.partial(source.fs.mv, path, target), f"moving {path}")
+
+    names = [name for name in sorted(list_names(source, prefix="")) if not name.startswith(("_", "."))]
+    parallel_map(move, names, source.concurrency)
 
 
 def commit_ranked(batch: pa.Table, destination: Location) -> pa.Table:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import fsspec
@@ -29,6 +30,10 @@ _GLOB_CHARS = ("*", "?", "[")
 _TEXT_TYPES = (pa.string(), pa.large_string(), pa.string_view(), pa.null())
 # Names the job writes: a unit's file (jobs.units) and a ranked block's (jobs.ranking).
 _SAMPLE_OUTPUT_FILES = ("part-00000-000000000000.parquet", "part-0000000000000000.parquet")
+# Storage calls the driver keeps in flight at once (footers, versions, counts, deletes, moves): on an
+# object store each is a round trip of 10-50 ms, so 100,000 of them one after another take an hour.
+STORAGE_CONCURRENCY = 16
+S = TypeVar("S")
 T = TypeVar("T")
 
 
@@ -71,6 +76,30 @@ def storage_call(action: Callable[[], T], what: str) -> T:
         ) from exc
 
 
+def parallel_map(action: Callable[[S], T], items: Sequence[S], workers: int = STORAGE_CONCURRENCY) -> list[T]:
+    """``action`` on every item, results in order, at most ``workers`` at once (one: a plain loop).
+
+    Only a bounded window of items is queued (memory stays flat at 100,000 items). The first error, in
+    the items' order, is raised as a loop would raise it, and the items not yet started are cancelled.
+    """
+    if len(items) <= 1 or workers <= 1:
+        return [action(item) for item in items]
+    results: list[T] = []
+    pending: deque[Future[T]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="storage") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(action, item))
+                if len(pending) >= 4 * workers:
+                    results.append(pending.popleft().result())
+            while pending:
+                results.append(pending.popleft().result())
+        finally:
+            for future in pending:
+                future.cancel()
+    return results
+
+
 @dataclass(frozen=True)
 class Location:
     """A filesystem plus a path on it (protocol stripped, absolute when local)."""
@@ -86,6 +115,14 @@ class Location:
     def child(self, name: str) -> Location:
         """The location of ``name`` under this one."""
         return Location(self.fs, posixpath.join(self.path, name))
+
+    @property
+    def concurrency(self) -> int:
+        """Storage calls to keep in flight at once: ``STORAGE_CONCURRENCY`` (each call a round trip).
+
+        1 on local disk: a call there costs microseconds, and threads would only add their overhead.
+        """
+        return 1 if self.is_local else STORAGE_CONCURRENCY
 
     def arrow_filesystem(self) -> pafs.FileSystem | None:
         """Filesystem for Ray Data: None (Arrow's native local) or fsspec wrapped for Arrow."""
@@ -109,6 +146,7 @@ class InputPlan:
     files: list[str]
     footers: list[Footer]
     skipped: dict[str, str]
+    listed: Mapping[str, tuple[Any, str]] = field(default_factory=dict)  # path: (size, version) listed
 
     @property
     def schema(self) -> pa.Schema:
@@ -121,16 +159,42 @@ class InputPlan:
         return sum(footer.num_rows for footer in self.footers)
 
     def file_versions(self) -> list[dict[str, Any]]:
-        """Each file's path (relative to the input), size and version (ETag or mtime), for a manifest."""
-        with ThreadPoolExecutor(max_workers=max(1, min(16, len(self.files)))) as pool:
-            return list(pool.map(lambda path: _file_version(self.location, path), self.files))
+        """Each file's path (relative to the input), size and version (ETag or mtime), for a manifest.
+
+        From the listing where it gave both (no request per file), else from each file's ``info``.
+        """
+        return parallel_map(
+            lambda path: _file_version(self.location, path, self.listed.get(path)),
+            self.files,
+            self.location.concurrency,
+        )
 
 
-def _file_version(location: Location, path: str) -> dict[str, Any]:
-    info = storage_call(lambda: location.fs.info(path), f"reading the details of {path}")
-    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+def _file_version(location: Location, path: str, listed: tuple[Any, str] | None = None) -> dict[str, Any]:
+    if listed is None:
+        info = storage_call(lambda: location.fs.info(path), f"reading the details of {path}")
+        listed = _size_and_version(info)
     relative = posixpath.relpath(path, location.path) if path != location.path else posixpath.basename(path)
-    return {"path": relative, "size": info.get("size"), "version": str(version)}
+    return {"path": relative, "size": listed[0], "version": listed[1]}
+
+
+def _size_and_version(info: Mapping[str, Any]) -> tuple[Any, str]:
+    """A file's size and version (ETag, else mtime) as ``info`` or a listing gives them."""
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    return info.get("size"), str(version)
+
+
+def _listed_versions(details: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[Any, str]]:
+    """Size and version of each listed file whose listing entry gave both (the others are asked later).
+
+    Only plain files: a local symlink's listing entry holds the link's mtime, its ``info`` the target's.
+    """
+    versions = {}
+    for path, info in details.items():
+        size, version = _size_and_version(info)
+        if info.get("type") == "file" and not info.get("islink") and size is not None and version != "None":
+            versions[path] = (size, version)
+    return versions
 
 
 def locate(uri: str, storage_options: dict[str, Any]) -> Location:
@@ -149,24 +213,41 @@ def find_input_files(uri: str, storage_options: dict[str, Any]) -> tuple[Locatio
         InputError: Nothing exists there, or a directory holds no Parquet files.
 
     """
+    location, listed = list_input(uri, storage_options)
+    return location, sorted(listed)
+
+
+def list_input(uri: str, storage_options: dict[str, Any]) -> tuple[Location, dict[str, Mapping[str, Any]]]:
+    """The Parquet files of a file, directory or glob, each with what its listing said of it (``info``).
+
+    A single file's entry is empty: nothing was listed.
+
+    Raises:
+        InputError: Nothing exists there, or a directory holds no Parquet files.
+
+    """
     location = locate(uri, storage_options)
     fs, path = location.fs, location.path
     listing = f"listing {uri}"
+    files: dict[str, Mapping[str, Any]]
     if is_glob(path):
         root = _glob_root(path)
         matches = storage_call(lambda: fs.glob(path, detail=True), listing)
-        files = [name for name, info in matches.items() if _is_visible(name, root) and info["type"] == "file"]
+        files = {
+            name: info for name, info in matches.items() if _is_visible(name, root) and info["type"] == "file"
+        }
         if not files:
             raise InputError(f"input path does not exist: no file matches {uri}")
     elif storage_call(lambda: fs.isdir(path), listing):
-        files = [name for name in storage_call(lambda: fs.find(path), listing) if _is_data_file(name, path)]
+        found = storage_call(lambda: fs.find(path, detail=True), listing)
+        files = {name: entry for name, entry in found.items() if _is_data_file(name, path)}
         if not files:
             raise InputError(f"no Parquet files ({', '.join(PARQUET_SUFFIXES)}) found under {uri}")
     elif storage_call(lambda: fs.isfile(path), listing):
-        files = [path]
+        files = {path: {}}  # its details are asked for when needed
     else:
         raise InputError(f"input path does not exist: {uri}")
-    return location, sorted(files)
+    return location, files
 
 
 def is_glob(path: str) -> bool:
@@ -229,8 +310,7 @@ def read_footers(location: Location, files: Sequence[str]) -> list[Footer | Inpu
         except InputError as exc:
             return exc
 
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(files)))) as pool:
-        return list(pool.map(footer_or_error, files))
+    return parallel_map(footer_or_error, files)
 
 
 def check_present_columns(schema: pa.Schema, columns: Sequence[str], path: str) -> None:
@@ -272,7 +352,8 @@ def inspect_input(
             case it is left out and listed in ``InputPlan.skipped``.
 
     """
-    location, files = find_input_files(uri, storage_options)
+    location, listed = list_input(uri, storage_options)
+    files = sorted(listed)
     kept: list[str] = []
     footers: list[Footer] = []
     skipped: dict[str, str] = {}
@@ -287,10 +368,27 @@ def inspect_input(
         if footers:
             check_same_schema(footers[0].schema, kept[0], footer.schema, path)
         kept.append(path)
-        footers.append(footer)
+        footers.append(_sharing_schema(footer, footers[0] if footers else None))
     if not kept:
         raise InputError(f"no readable Parquet file in {uri} ({len(skipped)} bad)")
-    return InputPlan(location, kept, footers, skipped)
+    return InputPlan(
+        location, kept, footers, skipped, _listed_versions({path: listed[path] for path in kept})
+    )
+
+
+def _sharing_schema(footer: Footer, first: Footer | None) -> Footer:
+    """``footer``, holding the first file's schema object when the two are equal, metadata included.
+
+    100,000 files of one schema would otherwise hold 100,000 copies of it (with pandas' or Spark's
+    metadata, a few KiB each).
+    """
+    if (
+        first is None
+        or footer.schema is first.schema
+        or not footer.schema.equals(first.schema, check_metadata=True)
+    ):
+        return footer
+    return replace(footer, schema=first.schema)
 
 
 def check_same_schema(first: pa.Schema, first_path: str, other: pa.Schema, other_path: str) -> None:
@@ -417,4 +515,6 @@ def count_rows(location: Location) -> int:
     location.fs.invalidate_cache(location.path)
     found = storage_call(lambda: location.fs.find(location.path), f"listing {location.path}")
     files = [name for name in found if _is_data_file(name, location.path)]
-    return sum(read_footer(location.fs, path).num_rows for path in files)
+    return sum(
+        parallel_map(lambda path: read_footer(location.fs, path).num_rows, files, location.concurrency)
+    )

@@ -65,17 +65,19 @@ def plan_units(
     """
     units: list[WorkUnit] = []
     packing: list[WorkUnit] = []
+    packed_rows = 0  # rows in ``packing``, kept as it grows: summing it per file is quadratic in it
     for file_index, (path, groups) in enumerate(zip(files, row_groups, strict=True)):
         rows = sum(groups)
         if 0 < rows <= rows_per_unit // 2:
-            if sum(part.num_rows for part in packing) + rows > rows_per_unit:
+            if packed_rows + rows > rows_per_unit:
                 units.append(_packed(packing))
-                packing = []
+                packing, packed_rows = [], 0
             packing.append(WorkUnit(file_index, path, 0, rows))
+            packed_rows += rows
             continue
         if packing:
             units.append(_packed(packing))
-            packing = []
+            packing, packed_rows = [], 0
         units.extend(
             WorkUnit(file_index, path, start, stop) for start, stop in _unit_ranges(groups, rows_per_unit)
         )

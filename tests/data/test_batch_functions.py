@@ -187,6 +187,14 @@ def test_plan_units_packs_small_files_and_keeps_large_ones_apart():
     assert plan_units(files, groups, 1000) == units
 
 
+def test_plan_units_packs_a_hundred_thousand_tiny_files_in_linear_time():
+    """100,000 one-row files pack into units of 20,000 (summing the unit being packed per file took hours)."""
+    files = [f"f{i:06d}" for i in range(100_000)]
+    units = plan_units(files, [[1]] * len(files), 20_000)
+    assert [unit.num_rows for unit in units] == [20_000] * 5
+    assert [unit.parts[-1].path for unit in units] == [f"f{i * 20_000 + 19_999:06d}" for i in range(5)]
+
+
 def test_a_packed_unit_reads_and_positions_its_files_in_order(tmp_path):
     """A packed unit's rows are its files' rows in order, and its input positions match them."""
     paths = []

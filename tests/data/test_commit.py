@@ -5,12 +5,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 from jobs import retries
 from jobs.commit import commit_table, committed_counts
 from jobs.manifest import changed_fields, read_json, write_json
 from jobs.retries import is_transient, with_retries
 from jobs.storage import Location
+from reranker.errors import OutputError
 
 pytestmark = pytest.mark.data
 
@@ -228,3 +230,19 @@ def test_an_output_that_does_not_hold_the_rows_expected_is_never_marked_complete
     with pytest.raises(rescore.RowsLostError, match="hold 2 rows where 3 were expected"):
         rescore.finish(location, {}, (1, 0, 0), {}, 0.0, rows_expected=3)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["part-1.parquet"]
+
+
+def test_committed_counts_of_many_units_keep_their_names_and_a_foreign_file_is_named(tmp_path):
+    """On an object store counts are read several at once, each under its own name; a file the job did not
+    write is named."""
+    location = Location(MemoryFileSystem(), f"/{tmp_path.name}")
+    assert location.concurrency > 1
+    names = [f"part-{index}.parquet" for index in range(40)]
+    for index, name in enumerate(names):
+        commit_table(location, name, pa.table({"x": list(range(index))}), {"rows": index})
+    assert committed_counts(location, names) == {name: {"rows": index} for index, name in enumerate(names)}
+    with location.fs.open(f"{location.path}/part-7.parquet", "wb") as handle:
+        pq.write_table(pa.table({"x": [1]}), handle)
+    with pytest.raises(OutputError, match=r"part-7.parquet was not written by this job"):
+        committed_counts(location, names)
+    location.fs.rm(location.path, recursive=True)

@@ -298,3 +298,65 @@ def test_a_listing_that_keeps_failing_is_one_storage_line(pairs_dir, monkeypatch
     with pytest.raises(StorageUnavailableError, match=r"listing .*in: storage unavailable after 5 tries"):
         inspect_input(str(pairs_dir), {}, TEXT, ["score"])
     assert flaky.failures["find"] == 5
+
+
+class CountedInfo(LocalFileSystem):
+    """Local disk that counts its ``info`` calls by path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    def info(self, path, **kwargs):
+        self.asked.append(str(path))
+        return super().info(path, **kwargs)
+
+
+def test_file_versions_come_from_the_listing_as_info_gives_them(pairs_dir, monkeypatch):
+    """The manifest's sizes and versions are the listing's (no request per file), equal to each ``info``;
+    a symlinked file (its listing holds the link's mtime) and a single file are asked for theirs."""
+    (pairs_dir / "link.parquet").symlink_to(pairs_dir / "part-0.parquet")
+    counted = CountedInfo()
+    monkeypatch.setattr(storage.fsspec.core, "url_to_fs", lambda uri, **options: (counted, uri))
+    plan = inspect_input(str(pairs_dir), {}, TEXT, ["score"])
+    counted.asked.clear()
+    versions = plan.file_versions()
+    assert counted.asked == [str(pairs_dir / "link.parquet")]
+    asked = [storage._file_version(plan.location, path) for path in plan.files]
+    assert versions == asked and [entry["path"] for entry in versions][:2] == [
+        "link.parquet",
+        "part-0.parquet",
+    ]
+    single = inspect_input(str(pairs_dir / "part-1.parquet"), {}, TEXT, ["score"])
+    assert single.file_versions() == [asked[2]]
+
+
+def test_files_of_one_schema_share_one_schema_object(pairs_dir):
+    """100,000 footers of one schema hold it once; a file whose metadata differs keeps its own."""
+    write(pairs_dir / "part-9.parquet", query=["q"], passage=["p"])
+    table = pa.table({"query": ["q"], "passage": ["p"]}).replace_schema_metadata({"pandas": "{}"})
+    pq.write_table(table, pairs_dir / "part-8.parquet")
+    plan = inspect_input(str(pairs_dir), {}, TEXT, ["score"])
+    schemas = {
+        path.rsplit("/", 1)[-1]: footer.schema for path, footer in zip(plan.files, plan.footers, strict=True)
+    }
+    assert schemas["part-9.parquet"] is schemas["part-0.parquet"] is plan.schema
+    assert schemas["part-8.parquet"] is not plan.schema
+    assert schemas["part-8.parquet"].metadata == {b"pandas": b"{}"}
+
+
+def test_parallel_map_keeps_the_order_and_stops_at_the_first_error():
+    """Results in order; the first failing item's error is raised, and the items not yet started never run."""
+    started: list[int] = []
+
+    def action(item: int) -> int:
+        started.append(item)
+        if item == 3:
+            raise InputError("bad item 3")
+        return item * 2
+
+    assert storage.parallel_map(action, list(range(3))) == [0, 2, 4]
+    started.clear()
+    with pytest.raises(InputError, match="bad item 3"):
+        storage.parallel_map(action, list(range(10_000)))
+    assert len(started) < 1_000
