@@ -53,6 +53,7 @@ from jobs.storage import (
     inspect_input,
     locate,
     prepare_output,
+    storage_call,
     write_empty_output,
 )
 from jobs.units import WorkUnit, plan_units
@@ -159,12 +160,13 @@ def dry_run(settings: RescoreSettings) -> str:
     job = settings.job
     units = plan_units(plan.files, [footer.row_groups for footer in plan.footers], job.rows_per_unit)
     output = locate(job.output or "", job.storage_options)
+    state = _output_state(settings, plan, versions, output)
     lines = [
         f"input: {job.input}: {len(plan.files):,} files, {plan.num_rows:,} rows"
         + (f", {len(plan.skipped)} bad files skipped" if plan.skipped else ""),
-        f"output: {job.output}: {_output_state(settings, plan, versions, output)}",
+        f"output: {job.output}: {state}",
     ]
-    committed = _committed(settings, output, units)
+    committed = _committed(state, settings, output, units)
     lines.append(
         f"units: {len(units):,} of up to {job.rows_per_unit:,} rows; {len(committed):,} committed "
         f"(resumed), {len(units) - len(committed):,} to score"
@@ -177,24 +179,36 @@ def dry_run(settings: RescoreSettings) -> str:
 
 
 def _output_state(settings: RescoreSettings, plan: InputPlan, versions: list[str], output: Location) -> str:
-    """New, resumable (the manifest matches), complete, or made by other settings (what --overwrite does)."""
-    previous = read_json(output, MANIFEST_NAME) if exists(output) else None
-    if previous is None:
-        return "replaced (--overwrite)" if settings.job.overwrite and exists(output) else "new"
-    if settings.job.overwrite:
+    """What a run would do with the output: new, resumed, complete, replaced, or refused (and why).
+
+    Raises:
+        OutputError: The output is a file (a run refuses it the same way).
+    """
+    job = settings.job
+    if not exists(output):
+        return "new"
+    if storage_call(lambda: output.fs.isfile(output.path), f"checking {job.output}"):
+        raise OutputError(f"output {job.output} is a file; give a directory for the Parquet dataset")
+    if job.overwrite:
         return "replaced (--overwrite)"
+    previous = read_json(output, MANIFEST_NAME)
+    if previous is None:
+        entries = storage_call(lambda: output.fs.ls(output.path, detail=False), f"listing {job.output}")
+        return "holds other data: a run refuses it without --overwrite" if entries else "new"
     changes = changed_fields(previous, job_manifest(settings, plan, versions))
     if changes:
         return f"made by other settings ({'; '.join(changes[:3])}): a run refuses it without --overwrite"
     return "complete: a run does nothing" if read_json(output, SUCCESS_NAME) else "resumes the earlier run"
 
 
-def _committed(settings: RescoreSettings, output: Location, units: Sequence[WorkUnit]) -> set[str]:
-    """Units an earlier run committed that a run would keep (none when the output is replaced)."""
-    scored_at = output.child(SCORED_DIR) if settings.job.group_column else output
-    if settings.job.overwrite or not exists(scored_at):
+def _committed(
+    state: str, settings: RescoreSettings, output: Location, units: Sequence[WorkUnit]
+) -> set[str]:
+    """Units an earlier run committed that a run would keep (none unless it resumes or is complete)."""
+    if not state.startswith(("resumes", "complete")):
         return set()
-    return list_names(scored_at) & {unit.name for unit in units}
+    scored_at = output.child(SCORED_DIR) if settings.job.group_column else output
+    return list_names(scored_at) & {unit.name for unit in units} if exists(scored_at) else set()
 
 
 def rescore(

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from reranker.chunking import Chunked, any_of, best_of, split_long
+from reranker.chunking import Chunked, best_of, split_long
 from reranker.encoders import pair_encoder
 from reranker.settings import ModelOptions
 from reranker.tokenizer import EncodedPairs, PairEncoder
@@ -92,7 +92,7 @@ def tokenize_table(
     if split is not None:
         columns["chunk_lengths"] = _row_lists(valid, np.bincount(split.owner, minlength=int(valid.sum())),
                                               encoded.lengths.astype(np.int32))  # fmt: skip
-        pair_truncated = any_of(encoded.truncated, split.owner) | split.cut
+        pair_truncated = split.truncated(encoded.truncated)
     lengths = np.zeros(table.num_rows, dtype=np.int64)
     lengths[valid] = _per_row(encoded.lengths, split)
     columns["input_ids"] = _row_lists(valid, lengths[valid], encoded.input_ids)

@@ -12,12 +12,15 @@ engine call it before tokenizing, so chunk pairs ride the same token-budget batc
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from reranker.tokenizer import PairEncoder
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,14 @@ class Chunked:
     passages: list[str]
     owner: np.ndarray  # int64, non-decreasing: the input pair of each chunk pair
     cut: np.ndarray  # bool per input pair: longer than ``max_chunks`` windows (its end not scored)
+    windowed: np.ndarray  # bool per input pair: split into windows (each sized to fill its pair)
+
+    def truncated(self, flags: np.ndarray) -> np.ndarray:
+        """Each input pair's truncation: if windowed, ``cut``; else its one pair's flag.
+
+        A window fills its pair, which an encoder may flag as truncated though nothing was lost.
+        """
+        return np.where(self.windowed, self.cut, any_of(flags, self.owner))
 
 
 def split_long(
@@ -37,15 +48,28 @@ def split_long(
     max_chunks: int,
     overlap: int,
     instruction: str | None = None,
+    max_length: int | None = None,
 ) -> Chunked:
-    """Each pair whose passage does not fit split into up to ``max_chunks`` overlapping windows."""
-    rooms = _rooms(encoder, queries, instruction)
+    """Each pair whose passage does not fit split into up to ``max_chunks`` overlapping windows.
+
+    ``max_length`` (at most the encoder's) is what a pair holds.
+    """
     tokenizer = encoder.tokenizer
+    if not len(passages) or not tokenizer.is_fast:  # nothing to split, or no offsets to split by
+        if len(passages) and not tokenizer.is_fast:
+            logger.warning(
+                "max_chunks_per_doc: this model's tokenizer has no offsets; passages are cut to fit"
+            )
+        none = np.zeros(len(passages), bool)
+        return Chunked(list(queries), list(passages), np.arange(len(passages)), none, none)
+    limit = min(max_length or encoder.max_length, encoder.max_length)
+    rooms = _rooms(encoder, queries, instruction, limit)
     encoding = tokenizer(list(passages), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     chunk_queries: list[str] = []
     chunk_passages: list[str] = []
     owner: list[int] = []
     cut = np.zeros(len(passages), dtype=bool)
+    windowed = np.zeros(len(passages), dtype=bool)
     for index, (query, passage) in enumerate(zip(queries, passages, strict=True)):
         offsets, room = encoding["offset_mapping"][index], rooms[query]
         if len(offsets) <= room or room < 2:  # fits (or nothing would): the pair as it is
@@ -53,19 +77,19 @@ def split_long(
         else:
             spans = _windows(encoding.word_ids(index), room, min(overlap, room // 2), max_chunks)
             windows = [passage[offsets[start][0] : offsets[stop - 1][1]] for start, stop in spans]
-            cut[index] = spans[-1][1] < len(offsets)
+            cut[index], windowed[index] = spans[-1][1] < len(offsets), True
         chunk_queries += [query] * len(windows)
         chunk_passages += windows
         owner += [index] * len(windows)
-    return Chunked(chunk_queries, chunk_passages, np.asarray(owner, dtype=np.int64), cut)
+    return Chunked(chunk_queries, chunk_passages, np.asarray(owner, dtype=np.int64), cut, windowed)
 
 
 def best_of(scores: np.ndarray, owner: np.ndarray) -> np.ndarray:
-    """Each input pair's best chunk score (``owner`` as ``split_long`` gives it); NaN scores lose."""
+    """Each input pair's best chunk score (``owner`` as ``split_long`` gives it); NaN where all are NaN."""
+    if not len(scores):
+        return scores
     starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-    if np.isnan(scores).any():
-        scores = np.where(np.isnan(scores), -np.inf, scores)
-    return np.maximum.reduceat(scores, starts) if len(scores) else scores
+    return np.fmax.reduceat(scores, starts)  # fmax: a NaN loses to any number
 
 
 def any_of(flags: np.ndarray, owner: np.ndarray) -> np.ndarray:
@@ -74,27 +98,33 @@ def any_of(flags: np.ndarray, owner: np.ndarray) -> np.ndarray:
     return np.logical_or.reduceat(flags, starts) if len(flags) else flags.astype(bool)
 
 
-def _rooms(encoder: PairEncoder, queries: Sequence[str], instruction: str | None) -> dict[str, int]:
-    """Passage tokens each distinct query's pair leaves: max_length less the pair with an empty passage."""
+def _rooms(
+    encoder: PairEncoder, queries: Sequence[str], instruction: str | None, limit: int
+) -> dict[str, int]:
+    """Passage tokens each distinct query's pair leaves: ``limit`` less the pair with an empty passage."""
     unique = list(dict.fromkeys(queries))
-    empty = encoder.tokenize(unique, [""] * len(unique), instruction=instruction)
-    return {
-        query: int(encoder.max_length - length) for query, length in zip(unique, empty.lengths, strict=True)
-    }
+    empty = encoder.tokenize(unique, [""] * len(unique), limit, instruction=instruction)
+    return {query: int(limit - length) for query, length in zip(unique, empty.lengths, strict=True)}
 
 
 def _windows(words: list[int | None], room: int, overlap: int, max_chunks: int) -> list[tuple[int, int]]:
-    """Token spans ``[start, stop)`` of at most ``room`` tokens, ``room - overlap`` apart, on word bounds."""
+    """Token spans ``[start, stop)`` of at most ``room`` tokens, about ``room - overlap`` apart.
+
+    Spans end and start between words where that keeps them at least a step long; a word longer than
+    that is cut. Every token up to the last span's end is in a span.
+    """
     total, step = len(words), room - overlap
     spans: list[tuple[int, int]] = []
     start = 0
     while len(spans) < max_chunks:
-        stop = min(start + room, total)
-        stop = _word_end(words, start, stop)
+        hard = min(start + room, total)
+        stop = _word_end(words, start, hard)
+        if stop - start < step:  # the words are too long to end between them: a hard cut
+            stop = hard
         spans.append((start, stop))
         if stop >= total:
             break
-        start = _word_start(words, max(start + step, spans[-1][0] + 1), stop)
+        start = _word_start(words, max(start + 1, min(start + step, stop)), stop)
     return spans
 
 

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from reranker.batching import attention_mask, pad_batch, plan_batches
-from reranker.chunking import Chunked, any_of, best_of, split_long
+from reranker.chunking import Chunked, best_of, split_long
 from reranker.cls_forward import build_cls_forward
 from reranker.errors import ConfigError, ModelLoadError
 from reranker.families import SEQUENCE_CLASSIFICATION, model_family
@@ -298,13 +298,13 @@ class CrossEncoderModel:
         chunks = max_chunks_per_doc or self.settings.max_chunks_per_doc
         split = None
         if chunks > 1:
-            split = self.split_long(queries, passages, chunks, instruction)
+            split = self.split_long(queries, passages, chunks, instruction, max_length=max_length)
             queries, passages = split.queries, split.passages
         encoded = self.tokenize(queries, passages, max_length, truncation_side, instruction=instruction)
         scores = self.score_encoded(encoded, max_batch_pairs=max_batch_pairs, activation=activation)
         truncated = encoded.truncated
         if split is not None:
-            scores, truncated = best_of(scores, split.owner), any_of(truncated, split.owner) | split.cut
+            scores, truncated = best_of(scores, split.owner), split.truncated(truncated)
         return ScoreResult(scores, int(encoded.lengths.sum()), int(truncated.sum()))
 
     def split_long(
@@ -315,10 +315,12 @@ class CrossEncoderModel:
         instruction: str | None = None,
         max_passage_tokens: int | None = None,
         max_query_tokens: int | None = None,
+        max_length: int | None = None,
     ) -> Chunked:
         """Pairs whose passage does not fit split into overlapping windows (``reranker.chunking``).
 
-        The caps apply first (a passage cut to ``max_passage_tokens`` is what is split).
+        The caps apply first (a passage cut to ``max_passage_tokens`` is what is split); windows fill
+        ``max_length`` (default: the model's) tokens. Not for concurrent threads: the tokenizer is shared.
         """
         prompt = instruction if instruction is not None else self.settings.instruction
         overlap = self.settings.chunk_overlap_tokens
@@ -326,7 +328,7 @@ class CrossEncoderModel:
             queries, passages = cut_pairs(
                 self.tokenizer, queries, passages, max_query_tokens, max_passage_tokens, self.max_length
             )
-        return split_long(self.pair_tokenizer, queries, passages, max_chunks, overlap, prompt)
+        return split_long(self.pair_tokenizer, queries, passages, max_chunks, overlap, prompt, max_length)
 
     def score_encoded(
         self, encoded: EncodedPairs, max_batch_pairs: int | None = None, activation: Activation | None = None

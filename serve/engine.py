@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pydantic
 
-from reranker.chunking import any_of, best_of
+from reranker.chunking import best_of
 from reranker.errors import ConfigError
 from reranker.types import TruncationSide
 from serve.errors import OverloadedError
@@ -347,8 +347,8 @@ class RerankEngine:
         if max_chunks == 1:
             return await self._score_pairs(queries, passages, truncation, instruction)
         loop = asyncio.get_running_loop()
-        split = await loop.run_in_executor(
-            None,
+        split = await loop.run_in_executor(  # the model thread: the only one that uses the tokenizer
+            self._executor,
             self.model.split_long,
             queries,
             passages,
@@ -358,8 +358,9 @@ class RerankEngine:
             truncation.max_query_tokens,
         )
         scored = await self._score_pairs(split.queries, split.passages, truncation, instruction)
-        truncated = any_of(scored.truncated, split.owner) | split.cut
-        return Scored(best_of(scored.scores, split.owner), scored.num_tokens, truncated)
+        return Scored(
+            best_of(scored.scores, split.owner), scored.num_tokens, split.truncated(scored.truncated)
+        )
 
     async def _score_pairs(
         self, queries: Sequence[str], passages: Sequence[str], truncation: Truncation, instruction: str | None

@@ -95,8 +95,8 @@ async def rerank(service: RerankService, body: VoyageRerankRequest) -> VoyageRer
 
 
 def sends_voyage_fields(body: Mapping[str, Any]) -> bool:
-    """Voyage's body: a boolean ``truncation``, or ``top_k`` without ``top_n``."""
-    return isinstance(body.get("truncation"), bool) or ("top_k" in body and "top_n" not in body)
+    """Voyage's body: ``top_k`` or a boolean ``truncation``, and no ``top_n`` (Cohere's)."""
+    return ("top_k" in body or isinstance(body.get("truncation"), bool)) and "top_n" not in body
 
 
 DIALECT = Dialect(

@@ -236,3 +236,23 @@ def test_a_bad_file_in_a_packed_unit(tmp_path, tiny_model_dir, skip):
     assert json.loads(committed.column("counts")[0].as_py())["skipped_files"] == skipped
     out = pq.read_table(tmp_path / "out")
     assert out.column("query").to_pylist() == ["q0"] * 5 + ["q2"] * 5 and out.num_rows == 10
+
+
+def test_chunked_rows_keep_their_place_among_null_ones(tiny_model_dir, tiny_model):
+    """With chunking, null and blank rows stay null, long rows score as their best window, and a batch
+    with no scorable row at all is fine."""
+    from jobs.scoring import Chunking, score_tokens, tokenizer_for
+
+    long = " ".join(["solar panels convert sunlight"] * 60)
+    tokenizer = tokenizer_for(ModelSettings(model=str(tiny_model_dir)))
+    for passages in ([None, None], [None, long, " ", "wind farm", long]):
+        table = pa.table({"query": ["solar"] * len(passages), "passage": pa.array(passages, pa.string())})
+        scores, counts = score_tokens(tiny_model, tokenize_table(tokenizer, table, "query", "passage",
+                                                                 chunking=Chunking(5, 8)))  # fmt: skip
+        texts = [text for text in passages if text and text.strip()]
+        expected = (
+            tiny_model.score(["solar"] * len(texts), texts, max_chunks_per_doc=5).scores if texts else []
+        )
+        assert [score is None for score in scores.to_pylist()] == [not (t and t.strip()) for t in passages]
+        np.testing.assert_allclose([s for s in scores.to_pylist() if s is not None], expected, atol=1e-6)
+        assert counts["scored"] == len(texts)

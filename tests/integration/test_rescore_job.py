@@ -181,9 +181,10 @@ def test_rerun_of_a_finished_job_does_nothing_and_a_changed_one_is_refused(tmp_p
     pq.write_table(pairs_table(), tmp_path / "foreign" / "x.parquet") if (
         tmp_path / "foreign"
     ).mkdir() is None else None
-    code, _, err = run_job(
-        capsys, tiny_model_dir, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "foreign")
-    )
+    foreign = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "foreign")]
+    code, out, _ = run_job(capsys, tiny_model_dir, *foreign, "--dry-run")
+    assert code == 0 and "holds other data: a run refuses it without --overwrite" in out
+    code, _, err = run_job(capsys, tiny_model_dir, *foreign)
     assert code == 2 and "already holds data" in err
 
 

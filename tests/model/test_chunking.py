@@ -64,3 +64,46 @@ def test_the_score_is_the_best_window_scored_alone(model_512):
     first_windows = [split.passages[int(np.flatnonzero(split.owner == i)[0])] for i in range(4)]
     np.testing.assert_allclose(cut.scores, model_512.score(queries, first_windows).scores, atol=1e-6)
     assert cut.num_truncated == 3 and not np.allclose(cut.scores[:3], chunked.scores[:3])
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        [0, *[1] * 5, *range(2, 20)],  # a word longer than a window
+        [*range(8), *[8] * 4, *range(9, 30)],  # a word across a window's end
+        [0] * 40,  # one word (no spaces: CJK text under a Metaspace tokenizer)
+        list(range(40)),
+    ],
+)
+def test_windows_cover_every_token_even_across_long_words(words):
+    """Every token is in a window, no window is over the room or under a step unless it is the last,
+    and windows advance (the bug: gaps and one-token windows where a word was long)."""
+    from reranker.chunking import _windows
+
+    for room, overlap in [(4, 1), (10, 2), (7, 3)]:
+        spans = _windows(words, room, overlap, 1000)
+        covered = set().union(*(range(start, stop) for start, stop in spans))
+        assert covered == set(range(len(words))), (room, overlap, spans)
+        assert all(stop - start <= room for start, stop in spans)
+        assert all(stop - start >= room - overlap for start, stop in spans[:-1]), spans
+        assert all(a[0] < b[0] for a, b in itertools.pairwise(spans))
+
+
+def test_best_of_keeps_nan_only_where_every_window_is_nan():
+    scores = np.array([np.nan, 1.0, np.nan, np.nan, 2.0])
+    best = best_of(scores, np.array([0, 0, 1, 1, 2]))
+    assert best[0] == 1.0 and np.isnan(best[1]) and best[2] == 2.0
+
+
+def test_windows_fill_a_smaller_max_length_and_an_llm_window_is_not_truncated(model_512, llm_reranker_dir):
+    """score(max_length=...) sizes the windows to it; an LLM reranker's full windows (which its encoder
+    flags as at the limit) do not make the passage count as cut."""
+    document = long_document(600)
+    small = model_512.score([QUERY], [document], max_length=32, max_chunks_per_doc=100)
+    assert small.num_truncated == 0
+    llm = CrossEncoderModel(str(llm_reranker_dir), max_length=256)
+    chunked = llm.score([QUERY], [document], max_chunks_per_doc=100)
+    split = llm.split_long([QUERY], [document], 100)
+    alone = [llm.score([QUERY], [window]).scores[0] for window in split.passages]
+    assert chunked.num_truncated == 0 and len(alone) > 1
+    np.testing.assert_allclose(chunked.scores, [max(alone)], atol=1e-5)

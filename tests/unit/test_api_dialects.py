@@ -53,6 +53,12 @@ def test_voyage_top_k_documents_as_strings_and_data(app, tiny_model, path):
     assert len(everything.json()["data"]) == 4
 
 
+def test_a_cohere_body_with_a_boolean_truncation_stays_cohere(app):
+    """top_n says Cohere: its answer (results) and its top_n, whatever else the body carries."""
+    body = {"query": QUERY, "documents": DOCS, "top_n": 1, "truncation": True}
+    assert len(app.post("/v1/rerank", json=body).json()["results"]) == 1
+
+
 def test_voyage_truncation_false_refuses_what_does_not_fit(app):
     body = {"query": QUERY, "documents": [LONG, DOCS[0]], "truncation": False}
     assert "truncation is false" in error_of(app.post("/v1/rerank", json=body), 413)
