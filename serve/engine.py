@@ -31,7 +31,7 @@ import pydantic
 from reranker.chunking import best_of
 from reranker.errors import ConfigError
 from reranker.types import TruncationSide
-from serve.errors import OverloadedError
+from serve.errors import OverloadedError, RequestValidationError
 from serve.metrics import RerankMetrics
 
 if TYPE_CHECKING:
@@ -340,6 +340,7 @@ class RerankEngine:
 
         Raises:
             OverloadedError: The replica already holds ``max_pending_pairs`` pairs.
+            RequestValidationError: A request's windows alone are more than ``max_pending_pairs``.
             Exception: Scoring this request's pairs failed (other requests in its batch are unaffected).
 
         """
@@ -357,6 +358,12 @@ class RerankEngine:
             truncation.max_passage_tokens,
             truncation.max_query_tokens,
         )
+        windows, limit = len(split.queries), self.batching.max_pending_pairs
+        if windows > max(limit, len(queries)):  # the windows alone would overflow even an idle replica
+            raise RequestValidationError(
+                f"max_chunks_per_doc: the documents make {windows} windows to score; this replica holds "
+                f"{limit} pairs at most (ask for fewer windows or send fewer documents)"
+            )
         scored = await self._score_pairs(split.queries, split.passages, truncation, instruction)
         return Scored(
             best_of(scored.scores, split.owner), scored.num_tokens, split.truncated(scored.truncated)

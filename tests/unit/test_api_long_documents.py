@@ -68,3 +68,13 @@ def test_every_route_chunks_with_the_deployment_setting(model_dir, expected):
     np.testing.assert_allclose([item["score"] for item in vllm["data"]], relevance, atol=1e-6)
     np.testing.assert_allclose(pairs["scores"], raw, atol=1e-5)
     np.testing.assert_allclose(by_index(cut["results"]), sigmoid(expected["cut"]), atol=1e-6)
+
+
+def test_a_request_whose_windows_overflow_the_replica_is_refused(model_dir):
+    """Chunking multiplies a request's pairs: windows past max_pending_pairs are a 422 naming the setting,
+    not a request admitted at any size; the same request with fewer windows is answered."""
+    with serving(CrossEncoderModel(str(model_dir)), max_pending_pairs=10) as app:
+        body = {"query": QUERY, "documents": DOCS, "max_chunks_per_doc": 10}
+        refused = app.post("/v1/rerank", json=body)
+        assert refused.status_code == 422 and "max_chunks_per_doc" in refused.json()["error"]["message"]
+        assert app.post("/v1/rerank", json={**body, "max_chunks_per_doc": 2}).status_code == 200
