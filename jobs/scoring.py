@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from reranker.chunking import Chunked, best_of, split_long
+from reranker.chunking import Chunked, best_of, split_long, sum_of
 from reranker.encoders import pair_encoder
 from reranker.settings import ModelOptions
 from reranker.tokenizer import EncodedPairs, PairEncoder
@@ -106,10 +106,7 @@ def tokenize_table(
 
 def _per_row(pair_lengths: np.ndarray, split: Chunked | None) -> np.ndarray:
     """Tokens of each row: its pair's, or the sum of its chunk pairs'."""
-    if split is None or not len(pair_lengths):
-        return pair_lengths
-    starts = np.flatnonzero(np.r_[True, split.owner[1:] != split.owner[:-1]])
-    return np.add.reduceat(pair_lengths, starts)
+    return pair_lengths if split is None else sum_of(pair_lengths, split.owner)
 
 
 def _row_lists(valid: np.ndarray, counts: np.ndarray, values: np.ndarray) -> pa.Array:

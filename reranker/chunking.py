@@ -88,14 +88,22 @@ def best_of(scores: np.ndarray, owner: np.ndarray) -> np.ndarray:
     """Each input pair's best chunk score (``owner`` as ``split_long`` gives it); NaN where all are NaN."""
     if not len(scores):
         return scores
-    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-    return np.fmax.reduceat(scores, starts)  # fmax: a NaN loses to any number
+    return np.fmax.reduceat(scores, _starts(owner))  # fmax: a NaN loses to any number
 
 
 def any_of(flags: np.ndarray, owner: np.ndarray) -> np.ndarray:
     """Each input pair's flag: true when any of its chunk pairs' is."""
-    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-    return np.logical_or.reduceat(flags, starts) if len(flags) else flags.astype(bool)
+    return np.logical_or.reduceat(flags, _starts(owner)) if len(flags) else flags.astype(bool)
+
+
+def sum_of(values: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """Each input pair's total over its chunk pairs (e.g. tokens)."""
+    return np.add.reduceat(values, _starts(owner)) if len(values) else values
+
+
+def _starts(owner: np.ndarray) -> np.ndarray:
+    """Where each input pair's run of chunk pairs begins (``owner`` is non-decreasing)."""
+    return np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
 
 
 def _rooms(
