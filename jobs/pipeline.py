@@ -21,13 +21,13 @@ from typing import Any
 import pyarrow as pa
 import ray.data
 
+from jobs.cluster import cluster_shape
 from jobs.commit import commit_table
 from jobs.progress import Progress
 from jobs.ranking import input_positions
 from jobs.resources import (
     ActorPoolPlan,
     PoolSizing,
-    alive_node_resources,
     object_store_budget,
     plan_actor_pool,
 )
@@ -126,7 +126,7 @@ def score_units(
         InputError: A unit could not be read and ``--on-bad-file fail``; names the file.
 
     """
-    pool = plan_actor_pool(alive_node_resources(), sizing or job, options.torch_threads)
+    pool = plan_actor_pool(cluster_shape(job.cluster_config), sizing or job, options.torch_threads)
     budget = object_store_budget(pool, job)
     logger.info("actor pool: %s, object store budget %d MiB", pool, budget // 2**20)
     bad_files: dict[str, str] = {}

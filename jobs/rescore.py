@@ -22,6 +22,7 @@ import ray
 import ray.data
 
 from jobs.cascade import raw_scores, run_later_stages, stage_score_columns, stage_sizing
+from jobs.cluster import cluster_shape, start_ray
 from jobs.commit import (
     SKIPPED_NAME,
     SUCCESS_NAME,
@@ -41,7 +42,7 @@ from jobs.manifest import (
 )
 from jobs.pipeline import UnitScoring, score_units
 from jobs.ranking import HIDDEN_COLUMNS, POSITION_COLUMN, RANKING_DIR, rank_scored
-from jobs.resources import alive_node_resources, plan_actor_pool, start_ray
+from jobs.resources import plan_actor_pool
 from jobs.retries import is_transient
 from jobs.settings import JobSettings, RescoreSettings
 from jobs.storage import (
@@ -171,8 +172,9 @@ def dry_run(settings: RescoreSettings) -> str:
         f"units: {len(units):,} of up to {job.rows_per_unit:,} rows; {len(committed):,} committed "
         f"(resumed), {len(units) - len(committed):,} to score"
     )
+    cluster = cluster_shape(job.cluster_config)
     for number, (stage, version) in enumerate(zip(settings.stages, versions, strict=True)):
-        pool = plan_actor_pool(alive_node_resources(), stage_sizing(stage, job), stage.torch_threads)
+        pool = plan_actor_pool(cluster, stage_sizing(stage, job), stage.torch_threads)
         k = f", passes {stage.rerank_count} per query on" if stage.rerank_count else ""
         lines.append(f"stage {number + 1}: {stage.model} ({version}){k}; actor pool {pool}")
     return "\n".join(lines)

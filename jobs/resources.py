@@ -1,19 +1,20 @@
 """Sizing the scoring actor pool from the cluster, and the object store the job may fill.
 
 One actor per GPU when there are GPUs; otherwise CPU actors that leave ``io_cpus`` free on every node
-(an actor pool that takes every CPU deadlocks Ray Data). Used by the job and by ``jobs.stage``.
+(an actor pool that takes every CPU deadlocks Ray Data). On a cluster that can grow (``jobs.cluster``)
+the pool autoscales: from the actors that fit on the nodes alive now up to those that fit on every node
+the autoscaler may start, and tokenization may use every CPU those nodes leave. Used by the job and by
+``jobs.stage``.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
-import ray
-
+from jobs.cluster import ClusterShape
 from jobs.settings import JobSettings
 
 MAX_CPUS_PER_ACTOR = 4.0
@@ -50,19 +51,45 @@ class PoolRequest:
 
 @dataclass(frozen=True)
 class ActorPoolPlan:
-    """How many scoring actors to start and what each one reserves."""
+    """How many scoring actors to run and what each one reserves.
+
+    ``num_actors`` is the most; an autoscaling pool starts with ``min_actors`` and grows with the
+    cluster (``None``: a fixed pool). ``tokenize_tasks`` is the most tokenization tasks at once.
+    """
 
     num_actors: int
     cpus_per_actor: float
     gpus_per_actor: float
     torch_threads: int
     tokenize_tasks: int = 1
+    min_actors: int | None = None
+
+    @property
+    def min_size(self) -> int:
+        """The actors the pool starts with and never goes below."""
+        return self.num_actors if self.min_actors is None else self.min_actors
 
 
 def plan_actor_pool(
+    cluster: ClusterShape, settings: PoolSizing, torch_threads: int | None = None
+) -> ActorPoolPlan:
+    """Size the actor pool for the cluster: fixed from the nodes alive, or autoscaling when it grows.
+
+    A cluster that can grow gets the pool that fits every node it may start (GPU actors when it offers
+    GPU nodes), starting from the actors that fit on the nodes alive now (at least one). An explicit
+    ``num_actors`` is a fixed pool on any cluster; its tokenization is still sized for every node.
+    """
+    full = plan_for_nodes(cluster.reachable, settings, torch_threads)
+    if not cluster.grows or settings.num_actors is not None:
+        return full  # tokenization still spans every CPU the cluster can grow
+    fitting = _fitting(cluster.alive, full, settings.io_cpus)
+    return replace(full, min_actors=max(1, min(fitting, full.num_actors)))
+
+
+def plan_for_nodes(
     nodes: Sequence[Mapping[str, float]], settings: PoolSizing, torch_threads: int | None = None
 ) -> ActorPoolPlan:
-    """Size the actor pool from per-node resources.
+    """Size a fixed actor pool from per-node resources.
 
     One actor per GPU when the cluster has GPUs. Otherwise CPU actors of at most
     ``MAX_CPUS_PER_ACTOR`` CPUs that leave ``io_cpus`` unreserved on every node, so listing, read
@@ -82,7 +109,6 @@ def plan_actor_pool(
     if use_gpus:
         gpus = settings.gpus_per_actor or 1.0
         cpus = settings.cpus_per_actor or 1.0
-        fitting = sum(math.floor(node.get("GPU", 0.0) / gpus) for node in nodes)
         threads = max(1, round(cpus))
     else:
         gpus = 0.0
@@ -90,17 +116,22 @@ def plan_actor_pool(
         spare = max(node_cpus - settings.io_cpus, 0.0)
         per_node = max(1, math.ceil(spare / MAX_CPUS_PER_ACTOR))
         cpus = settings.cpus_per_actor or max(spare / per_node, 0.1)
-        fitting = sum(
-            max(0, math.floor((node.get("CPU", 0.0) - settings.io_cpus) / cpus + 1e-9)) for node in nodes
-        )
         threads = max(1, round(node_cpus / max(1, math.floor(spare / cpus + 1e-9))))
-    num_actors = settings.num_actors or max(1, fitting)
-    return ActorPoolPlan(
-        num_actors,
-        cpus,
-        gpus,
-        torch_threads or threads,
-        _tokenize_slots(nodes, num_actors * cpus, settings.io_cpus),
+    plan = ActorPoolPlan(1, cpus, gpus, torch_threads or threads)
+    num_actors = settings.num_actors or max(1, _fitting(nodes, plan, settings.io_cpus))
+    tokenize_tasks = _tokenize_slots(nodes, num_actors * cpus, settings.io_cpus)
+    return replace(plan, num_actors=num_actors, tokenize_tasks=tokenize_tasks)
+
+
+def _fitting(nodes: Sequence[Mapping[str, float]], plan: ActorPoolPlan, io_cpus: float) -> int:
+    """How many of the plan's actors the nodes hold.
+
+    One per ``gpus_per_actor`` GPUs on GPU nodes; on CPUs, those that leave ``io_cpus`` free on each node.
+    """
+    if plan.gpus_per_actor:
+        return sum(math.floor(node.get("GPU", 0.0) / plan.gpus_per_actor) for node in nodes)
+    return sum(
+        max(0, math.floor((node.get("CPU", 0.0) - io_cpus) / plan.cpus_per_actor + 1e-9)) for node in nodes
     )
 
 
@@ -124,19 +155,3 @@ def _tokenize_slots(nodes: Sequence[Mapping[str, float]], actor_cpus: float, io_
     """
     free = sum(node.get("CPU", 0.0) for node in nodes) - actor_cpus
     return max(1, math.floor(free / io_cpus + 1e-9))
-
-
-def alive_node_resources() -> list[dict[str, float]]:
-    """Resources of the alive nodes of the Ray cluster (embedded Ray is started if none is connected)."""
-    start_ray()
-    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
-
-
-def start_ray() -> None:
-    """Connect to the Ray cluster (``RAY_ADDRESS``), or start embedded Ray without the dashboard.
-
-    Nothing of the job's uses the dashboard, and on a laptop its processes take CPU from the scoring
-    actors. A cluster's own dashboard is unaffected (Ray ignores the flag when it connects to one).
-    """
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, include_dashboard=False)

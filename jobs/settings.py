@@ -7,9 +7,10 @@ Each program owns its settings; ``reranker.settings`` holds the model's section 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from reranker.cascade import CascadeSettings, CascadeStage, resolve_stages
@@ -42,6 +43,11 @@ class JobSettings(SettingsSection):
     io_cpus: float = Field(
         1.0, gt=0, description="CPUs per read/write task, left unreserved by actors on each node."
     )
+    cluster_config: str | None = Field(
+        None,
+        description="The autoscaler's cluster config (YAML: node types and max_workers): pools grow to "
+        "what it can start (auto: Ray's record, else ~/ray_bootstrap_config.yaml, where `ray up` puts it).",
+    )
     object_store_mib: int | None = Field(
         None,
         ge=64,
@@ -57,6 +63,13 @@ class JobSettings(SettingsSection):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (JSON), e.g. endpoint_url for S3."
     )
+
+    @field_validator("cluster_config")
+    @classmethod
+    def _cluster_config_is_a_file(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ValueError(f"no such file: {path}")
+        return path
 
     @model_validator(mode="after")
     def _grouping_needs_group_column(self) -> Self:

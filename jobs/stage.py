@@ -22,7 +22,8 @@ from typing import Any
 import pyarrow as pa
 import ray.data
 
-from jobs.resources import ActorPoolPlan, PoolRequest, alive_node_resources, plan_actor_pool
+from jobs.cluster import cluster_shape
+from jobs.resources import ActorPoolPlan, PoolRequest, plan_actor_pool
 from jobs.scoring import Chunking, score_tokens, tokenize_table, tokenize_task_env, tokenizer_for
 from reranker.errors import InputError
 from reranker.loading import check_loadable, model_version, pinned_model
@@ -79,7 +80,7 @@ def add_scores(
     check_loadable(options)
     options = pinned_model(options, model_version(options))  # every task and actor: one hub commit
     request = PoolRequest(num_actors, cpus_per_actor, gpus_per_actor, io_cpus)
-    pool = plan_actor_pool(alive_node_resources(), request, options.torch_threads)
+    pool = plan_actor_pool(cluster_shape(), request, options.torch_threads)
     steps = ScoringSteps(
         tokenize=tokenize_rows,
         scorer=ScoreRows,
@@ -126,7 +127,9 @@ def append_scoring(
         },
         batch_size=steps.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=pool.min_size, max_size=pool.num_actors, initial_size=pool.num_actors
+        ),  # the whole pool is asked for at once: pending actors make the autoscaler add their nodes
         num_cpus=pool.cpus_per_actor,
         num_gpus=pool.gpus_per_actor,
     )

@@ -10,6 +10,7 @@ import pytest
 import ray.data
 
 from jobs import stage
+from jobs.cluster import ClusterShape
 from jobs.rescore import main
 from reranker.errors import InputError
 from reranker.model import CrossEncoderModel
@@ -84,13 +85,15 @@ def test_a_from_items_dataset_keeps_its_columns_and_order(tiny_model_dir, tiny_m
 
 def test_the_stage_has_the_jobs_shape_on_a_gpu_cluster(monkeypatch, tiny_model_dir):
     """On an 8-GPU node (checked on CPU): tokenize tasks on the spare cores, one scoring actor per GPU."""
-    monkeypatch.setattr(stage, "alive_node_resources", lambda: [{"CPU": 96.0, "GPU": 8.0}])
+    monkeypatch.setattr(stage, "cluster_shape", lambda: ClusterShape.fixed([{"CPU": 96.0, "GPU": 8.0}]))
     result = stage.add_scores(ray.data.from_items(ROWS[:2]), str(tiny_model_dir))
     (score_name, score_args, actors), (tokenize_name, tokenize_args, tasks) = operators(result)
     assert (tokenize_name, score_name) == ("MapBatches(tokenize_rows)", "MapBatches(ScoreRows)")
     assert actors.min_size == actors.max_size == 8 and score_args["num_gpus"] == 1.0
     assert tasks.size == 88 and tokenize_args != score_args  # never fused into the GPU actors
-    job_steps = job_operators(stage.plan_actor_pool([{"CPU": 96.0, "GPU": 8.0}], stage.PoolRequest()))
+    job_steps = job_operators(
+        stage.plan_actor_pool(ClusterShape.fixed([{"CPU": 96.0, "GPU": 8.0}]), stage.PoolRequest())
+    )
     (_, job_score_args, job_actors), (_, job_tokenize_args, job_tasks) = job_steps[1:]
     assert (job_score_args, job_tokenize_args) == (score_args, tokenize_args)  # the job is this stage
     assert (job_actors.max_size, job_tasks.size) == (actors.max_size, tasks.size)

@@ -4,6 +4,7 @@ import pytest
 import ray.data
 import torch
 
+from jobs.cluster import ClusterShape
 from jobs.resources import plan_actor_pool
 from jobs.settings import RescoreSettings
 from reranker.errors import ConfigError
@@ -55,13 +56,15 @@ def test_batch_token_budget_depends_on_device():
 
 def test_gpu_cluster_gets_one_actor_per_gpu():
     """Two nodes with 4 GPUs each: 8 single-GPU actors."""
-    plan = plan_actor_pool([{"CPU": 32, "GPU": 4}, {"CPU": 32, "GPU": 4}], RescoreSettings.load().job)
+    plan = plan_actor_pool(
+        ClusterShape.fixed([{"CPU": 32, "GPU": 4}, {"CPU": 32, "GPU": 4}]), RescoreSettings.load().job
+    )
     assert (plan.num_actors, plan.gpus_per_actor, plan.cpus_per_actor) == (8, 1.0, 1.0)
 
 
 def test_two_core_machine_leaves_a_cpu_for_io_and_uses_both_cores():
     """The 2-core laptop: one 1-CPU actor (a CPU stays free for read/write) running 2 threads."""
-    plan = plan_actor_pool([{"CPU": 2.0}], RescoreSettings.load().job)
+    plan = plan_actor_pool(ClusterShape.fixed([{"CPU": 2.0}]), RescoreSettings.load().job)
     assert (plan.num_actors, plan.cpus_per_actor, plan.torch_threads) == (1, 1.0, 2)
 
 
@@ -70,33 +73,37 @@ def test_cpu_cluster_never_reserves_every_cpu():
     for cpus in (1, 2, 3, 4, 8, 16, 64):
         nodes = [{"CPU": float(cpus)}] * 3
         settings = RescoreSettings.load().job
-        plan = plan_actor_pool(nodes, settings)
+        plan = plan_actor_pool(ClusterShape.fixed(nodes), settings)
         per_node = plan.num_actors / 3
         assert per_node * plan.cpus_per_actor <= cpus - settings.io_cpus + 1e-6 or cpus <= settings.io_cpus
 
 
 def test_sixteen_core_nodes_split_into_several_actors():
     """16-core nodes: four actors of 3.75 CPUs, four threads each."""
-    plan = plan_actor_pool([{"CPU": 16.0}, {"CPU": 16.0}], RescoreSettings.load().job)
+    plan = plan_actor_pool(ClusterShape.fixed([{"CPU": 16.0}, {"CPU": 16.0}]), RescoreSettings.load().job)
     assert (plan.num_actors, plan.cpus_per_actor, plan.torch_threads) == (8, 3.75, 4)
 
 
 def test_explicit_pool_settings_win():
     """num_actors / cpus_per_actor / torch_threads from settings are used as given."""
     settings = RescoreSettings.load(num_actors=3, cpus_per_actor=0.5, torch_threads=1)
-    plan = plan_actor_pool([{"CPU": 2.0}], settings.job, settings.model.torch_threads)
+    plan = plan_actor_pool(ClusterShape.fixed([{"CPU": 2.0}]), settings.job, settings.model.torch_threads)
     assert (plan.num_actors, plan.cpus_per_actor, plan.torch_threads) == (3, 0.5, 1)
 
 
 def test_gpus_per_actor_zero_forces_cpu_actors():
     """gpus_per_actor=0 keeps scoring on CPUs even on GPU nodes."""
-    plan = plan_actor_pool([{"CPU": 8.0, "GPU": 1.0}], RescoreSettings.load(gpus_per_actor=0).job)
+    plan = plan_actor_pool(
+        ClusterShape.fixed([{"CPU": 8.0, "GPU": 1.0}]), RescoreSettings.load(gpus_per_actor=0).job
+    )
     assert plan.gpus_per_actor == 0.0
 
 
 def test_zero_cpu_head_node_adds_no_actors():
     """A head node with CPU 0 (kept free of work) neither hosts actors nor cancels others."""
-    plan = plan_actor_pool([{"CPU": 0.0}, {"CPU": 8.0}, {"CPU": 8.0}], RescoreSettings.load().job)
+    plan = plan_actor_pool(
+        ClusterShape.fixed([{"CPU": 0.0}, {"CPU": 8.0}, {"CPU": 8.0}]), RescoreSettings.load().job
+    )
     assert (plan.num_actors, plan.cpus_per_actor) == (4, 3.5)
 
 
@@ -109,15 +116,15 @@ def test_rank_partitions_follow_the_input_size():
 
 def test_gpu_node_tokenizes_on_every_cpu_the_actors_leave():
     """An 8-GPU node with 96 CPUs: 8 GPU actors, and tokenization on the 88 CPUs they leave."""
-    plan = plan_actor_pool([{"CPU": 96.0, "GPU": 8.0}], RescoreSettings.load().job)
+    plan = plan_actor_pool(ClusterShape.fixed([{"CPU": 96.0, "GPU": 8.0}]), RescoreSettings.load().job)
     assert (plan.num_actors, plan.gpus_per_actor, plan.tokenize_tasks) == (8, 1.0, 88)
-    one_gpu = plan_actor_pool([{"CPU": 8.0, "GPU": 1.0}], RescoreSettings.load().job)
+    one_gpu = plan_actor_pool(ClusterShape.fixed([{"CPU": 8.0, "GPU": 1.0}]), RescoreSettings.load().job)
     assert (one_gpu.num_actors, one_gpu.tokenize_tasks) == (1, 7)
 
 
 def test_two_core_machine_tokenizes_beside_its_one_actor():
     """The 2-core laptop: one tokenization task at a time on the CPU the actor leaves."""
-    assert plan_actor_pool([{"CPU": 2.0}], RescoreSettings.load().job).tokenize_tasks == 1
+    assert plan_actor_pool(ClusterShape.fixed([{"CPU": 2.0}]), RescoreSettings.load().job).tokenize_tasks == 1
 
 
 def test_object_store_budget_holds_two_units_per_stage_slot():
@@ -125,9 +132,9 @@ def test_object_store_budget_holds_two_units_per_stage_slot():
     from jobs.resources import MIN_OBJECT_STORE_BYTES, UNIT_BYTES_PER_ROW, object_store_budget
 
     job = RescoreSettings.load().job
-    laptop = plan_actor_pool([{"CPU": 2.0}], job)
+    laptop = plan_actor_pool(ClusterShape.fixed([{"CPU": 2.0}]), job)
     assert object_store_budget(laptop, job) == MIN_OBJECT_STORE_BYTES
-    gpu_node = plan_actor_pool([{"CPU": 96.0, "GPU": 8.0}], job)
+    gpu_node = plan_actor_pool(ClusterShape.fixed([{"CPU": 96.0, "GPU": 8.0}]), job)
     expected = 2 * (8 + 88) * job.rows_per_unit * UNIT_BYTES_PER_ROW
     assert object_store_budget(gpu_node, job) == expected
     explicit = RescoreSettings.load(object_store_mib=300).job
@@ -154,8 +161,8 @@ def stages(plan) -> list[tuple[str, dict, object]]:
 @pytest.mark.usefixtures("ray_session")
 def test_pipeline_has_the_same_shape_on_cpu_and_gpu_with_cluster_derived_sizes():
     """tokenize tasks -> scoring actors -> commit tasks on both; sizes and GPUs follow the plan."""
-    gpu = stages(plan_actor_pool([{"CPU": 96.0, "GPU": 8.0}], RescoreSettings.load().job))
-    cpu = stages(plan_actor_pool([{"CPU": 2.0}], RescoreSettings.load().job))
+    gpu = stages(plan_actor_pool(ClusterShape.fixed([{"CPU": 96.0, "GPU": 8.0}]), RescoreSettings.load().job))
+    cpu = stages(plan_actor_pool(ClusterShape.fixed([{"CPU": 2.0}]), RescoreSettings.load().job))
     names = ["MapBatches(tokenize_units)", "MapBatches(ScoreUnits)", "MapBatches(commit_units)"]
     assert [name for name, _, _ in gpu] == [name for name, _, _ in cpu] == names
     assert gpu[0][2].size == 88 and cpu[0][2].size == 1
@@ -174,8 +181,10 @@ def test_the_pipeline_uses_no_deprecated_ray_data_arguments(caplog):
     ray_data_logger.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.WARNING, logger="ray.data"):
-            stages(plan_actor_pool([{"CPU": 96.0, "GPU": 8.0}], RescoreSettings.load().job))
-            stages(plan_actor_pool([{"CPU": 2.0}], RescoreSettings.load().job))
+            stages(
+                plan_actor_pool(ClusterShape.fixed([{"CPU": 96.0, "GPU": 8.0}]), RescoreSettings.load().job)
+            )
+            stages(plan_actor_pool(ClusterShape.fixed([{"CPU": 2.0}]), RescoreSettings.load().job))
             ray.data.range(4).map_batches(lambda batch: batch, concurrency=1)  # the check itself bites
     finally:
         ray_data_logger.removeHandler(caplog.handler)
@@ -194,7 +203,10 @@ def test_a_cpu_stage_1_and_a_gpu_stage_2_size_their_own_pools():
         cascade=[{"model": "a", "rerank_count": 20, "gpus": 0, "cpus": 4}, {"model": "b", "gpus": 1}],
     )
     node = [{"CPU": 96.0, "GPU": 8.0}]
-    first, second = (plan_actor_pool(node, stage_sizing(stage, settings.job)) for stage in settings.stages)
+    first, second = (
+        plan_actor_pool(ClusterShape.fixed(node), stage_sizing(stage, settings.job))
+        for stage in settings.stages
+    )
     assert (first.gpus_per_actor, first.cpus_per_actor, first.num_actors) == (0.0, 4.0, 23)
     assert (second.gpus_per_actor, second.num_actors) == (1.0, 8)
     assert [stage_resources(stage) for stage in settings.stages] == [
