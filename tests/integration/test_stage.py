@@ -8,9 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray.data
+import yaml
 
 from jobs import stage
-from jobs.cluster import ClusterShape
+from jobs.cluster import ClusterShape, node_types_from_config, reachable_nodes
 from jobs.rescore import main
 from reranker.errors import InputError
 from reranker.model import CrossEncoderModel
@@ -97,6 +98,24 @@ def test_the_stage_has_the_jobs_shape_on_a_gpu_cluster(monkeypatch, tiny_model_d
     (_, job_score_args, job_actors), (_, job_tokenize_args, job_tasks) = job_steps[1:]
     assert (job_score_args, job_tokenize_args) == (score_args, tokenize_args)  # the job is this stage
     assert (job_actors.max_size, job_tasks.size) == (actors.max_size, tasks.size)
+
+
+def test_the_stage_follows_an_autoscaling_cluster(monkeypatch, tiny_model_dir):
+    """Only the head of the shipped cluster.yaml alive: GPU actors from 1 up to 8, all asked for at once,
+    and tokenization sized for every CPU the workers bring; explicit actors still win."""
+    config = yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())
+    head = {"CPU": 0.0, "node:__internal_head__": 1.0}
+    types = node_types_from_config(config)
+    assert types is not None
+    shape = ClusterShape((head,), tuple(reachable_nodes([head], types)))
+    monkeypatch.setattr(stage, "cluster_shape", lambda: shape)
+    result = stage.add_scores(ray.data.from_items(ROWS[:2]), str(tiny_model_dir))
+    (_, score_args, actors), (_, _, tasks) = operators(result)
+    assert (actors.min_size, actors.initial_size, actors.max_size, score_args["num_gpus"]) == (1, 8, 8, 1.0)
+    assert tasks.size == 88
+    fixed = stage.add_scores(ray.data.from_items(ROWS[:2]), str(tiny_model_dir), num_actors=2)
+    (_, _, actors), (_, _, tasks) = operators(fixed)
+    assert (actors.min_size, actors.max_size, tasks.size) == (2, 2, 94)
 
 
 def operators(dataset: ray.data.Dataset) -> list[tuple[str, dict, object]]:
