@@ -14,7 +14,9 @@ all of these hold, and otherwise leaves the proxy's own answer untouched:
   body streams through unbuffered, so a large or chunked upload is never held before the replica's own
   API key, back-pressure and ``max_body_bytes`` checks;
 - the try was lost to ``ray.exceptions.ActorDiedError`` (the replica process is gone: not a user
-  exception, not a replica that is unreachable but alive), of a replica of one of this project's
+  exception), or to ``ActorUnavailableError`` (the replica can't be reached: what the proxy gets for the
+  requests in flight when the replica's node is lost, before Ray declares the node dead; the replica may
+  also be alive, and then the retry only repeats idempotent work), of a replica of one of this project's
   applications (:data:`PROXY_APPS_ENV`, default ``rerank``);
 - it is the request's first try (:data:`RETRIES`), and the dead replica has caused fewer than
   :data:`RETRIES_PER_REPLICA_DEATH` retries (so a request that kills its replica takes at most one more).
@@ -23,9 +25,12 @@ Why the try was lost is known only inside Serve's proxy: Ray 2.60 has no hook fo
 that touches Ray internals is :func:`install_status_probe`: it wraps
 ``ray.serve._private.proxy.get_http_response_status``, which the proxy calls with the exception before
 it answers, to also note that exception for the request being served (in a :class:`LostTry` the
-middleware puts in a context variable). It runs when Serve builds the middleware, inside the proxy
+middleware puts in a context variable), with the app the proxy routed the request to (Serve's request
+context, ``ray.serve.context._serve_request_context``: an ``ActorUnavailableError`` does not name its
+replica's class as an ``ActorDiedError`` does). It runs when Serve builds the middleware, inside the proxy
 process; not at import, since ``python -m serve`` imports this module before it sets Serve's env. Where
-that name is missing (another Ray version) it logs one warning and the middleware retries nothing.
+that name is missing (another Ray version) it logs one warning and the middleware retries nothing; where
+the request context is missing, an unreachable replica is not retried.
 
 Serve loads it through ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve.proxy:proxy_middlewares``,
 which must be in the environment of the processes that start Ray for this app (``python -m serve``,
@@ -83,6 +88,8 @@ RETRY_AFTER_S = 1  # another replica usually answers at once; a replacement take
 LOST_REPLICA_LOG = "request lost its replica"
 PATCHED_MODULE = "ray.serve._private.proxy"
 PATCHED_NAME = "get_http_response_status"
+REQUEST_CONTEXT_MODULE = "ray.serve.context"  # Serve's proxy sets it (with the app) for each request
+REQUEST_CONTEXT_NAME = "_serve_request_context"
 logger = logging.getLogger("ray.serve")  # into the proxy's log file, beside Serve's own lines
 
 _REPLICA_CLASS = re.compile(r"^\s*class_name: ServeReplica:(?P<app>.+):(?P<deployment>[^:\n]+)$", re.M)
@@ -91,9 +98,13 @@ _PROBE_MARK = "_rerank_status_probe"
 
 @dataclass
 class LostTry:
-    """What Serve's proxy reported for one try of a request: the exception it turned into a status."""
+    """What Serve's proxy reported for one try of a request.
+
+    The exception it turned into a status, and the app it had routed the request to (``None``: not known).
+    """
 
     error: BaseException | None = None
+    app: str | None = None
 
 
 _CURRENT_TRY: ContextVar[LostTry | None] = ContextVar("rerank_proxy_current_try", default=None)
@@ -113,18 +124,30 @@ def install_status_probe() -> bool:
                        PATCHED_MODULE, PATCHED_NAME)  # fmt: skip
         return False
     if not getattr(original, _PROBE_MARK, False):
-        setattr(module, PATCHED_NAME, _noting(original))
+        setattr(module, PATCHED_NAME, _noting(original, _request_context_var()))
     return True
 
 
-def _noting(original: Callable[..., Any]) -> Callable[..., Any]:
-    """``original``, which also stores its exception in the current request's :class:`LostTry`."""
+def _request_context_var() -> ContextVar[Any] | None:
+    """Serve's per-request context variable (its value names the request's app); ``None`` if missing."""
+    try:
+        context = importlib.import_module(REQUEST_CONTEXT_MODULE)
+    except ImportError:
+        return None
+    variable = getattr(context, REQUEST_CONTEXT_NAME, None)
+    return variable if isinstance(variable, ContextVar) else None
+
+
+def _noting(original: Callable[..., Any], request_context: ContextVar[Any] | None) -> Callable[..., Any]:
+    """``original``, which also stores its exception and the request's app in its :class:`LostTry`."""
 
     @functools.wraps(original)
     def get_http_response_status(exc: BaseException, *args: Any, **kwargs: Any) -> Any:
         lost = _CURRENT_TRY.get()
         if lost is not None:
             lost.error = exc
+            routed = request_context.get(None) if request_context is not None else None
+            lost.app = getattr(routed, "app_name", None) or None
         return original(exc, *args, **kwargs)
 
     setattr(get_http_response_status, _PROBE_MARK, True)
@@ -217,14 +240,18 @@ class Loss:
     actor_id: str | None = None
 
 
-def classify_loss(error: BaseException | None, apps: frozenset[str]) -> Loss:
-    """Whether ``error`` says a replica of one of ``apps`` is gone (its process died), and why not."""
+def classify_loss(error: BaseException | None, apps: frozenset[str], app: str | None = None) -> Loss:
+    """Whether ``error`` says a replica of one of ``apps`` is gone or can't be reached, and why not.
+
+    Gone: its process died. Can't be reached: its node was lost, or it is cut off (it may be alive).
+    ``app``: the app the proxy routed the request to.
+    """
     if error is None:
         return Loss("the proxy noted no exception")
     if isinstance(error, RayTaskError):  # also one whose cause is an ActorDiedError downstream
         return Loss(f"a user exception ({type(error).__name__}), not a dead replica")
     if isinstance(error, ActorUnavailableError):
-        return Loss("the replica is unreachable but may be alive (ActorUnavailableError)")
+        return _unreachable(error, apps, app)
     if not isinstance(error, ActorDiedError):
         return Loss(f"{type(error).__name__}, not a dead replica")
     match = _REPLICA_CLASS.search(str(error))
@@ -233,6 +260,15 @@ def classify_loss(error: BaseException | None, apps: frozenset[str]) -> Loss:
     if match["app"] not in apps:
         return Loss(f"the dead replica is of app {match['app']!r}, not of {sorted(apps)}")
     return Loss(f"replica {error.actor_id} of app {match['app']!r} died", error.actor_id)
+
+
+def _unreachable(error: ActorUnavailableError, apps: frozenset[str], app: str | None) -> Loss:
+    """An unreachable replica: its app is the one the request was routed to (the error does not name it)."""
+    if app is None or not error.actor_id:
+        return Loss("the replica is unreachable (ActorUnavailableError) and its app is not known")
+    if app not in apps:
+        return Loss(f"the unreachable replica is of app {app!r}, not of {sorted(apps)}")
+    return Loss(f"replica {error.actor_id} of app {app!r} is unreachable (its node lost?)", error.actor_id)
 
 
 @dataclass
@@ -330,7 +366,7 @@ class ReplicaLossRetry:
 
     def _after_loss(self, request: str, lost: LostTry, kept: bool, number: int, tries: int) -> str:
         """What follows try ``number`` that got no response: ``retry``, ``503`` or ``leave``; logged."""
-        loss = classify_loss(lost.error, self.config.apps)
+        loss = classify_loss(lost.error, self.config.apps, lost.app)
         if loss.actor_id is None or not kept:
             why = loss.reason if loss.actor_id is None else "its body streamed past the buffer cap"
             logger.warning("%s lost its try with no response; not retried: %s", request, why)

@@ -62,6 +62,12 @@ def died(app: str = "rerank", actor: int = 1) -> ActorDiedError:
     return ActorDiedError(context)
 
 
+def unreachable(actor: int = 3) -> ActorUnavailableError:
+    """The error Serve's proxy gets for a request in flight on a replica whose node was lost (Ray 2.60)."""
+    reason = "The actor is temporarily unavailable: RpcError: recvmsg:Connection reset by peer rpc_code: 14"
+    return ActorUnavailableError(reason, actor.to_bytes(16, "big"))
+
+
 def user_exception() -> RayTaskError:
     """The error of a replica's code that raised (its process lives on)."""
     return RayTaskError("__call__", "Traceback: ValueError: boom", ValueError("boom")).as_instanceof_cause()
@@ -78,12 +84,19 @@ def downstream_death() -> RayTaskError:
 class FakeProxy:
     """Stands in for Serve's proxy app: answers each call from a script. A status starts a response; an
     exception is a try that lost its replica: the app hands it to Serve's ``get_http_response_status``
-    (where the real proxy does, and which serve.proxy wraps) and returns without a response."""
+    (where the real proxy does, and which serve.proxy wraps) and returns without a response.
+    ``routed_app``: the app Serve's proxy routed the request to, set in Serve's request context as it does.
+    """
 
     def __init__(
-        self, *answers: int | BaseException, client_leaves: bool = False, in_task: bool = False
+        self,
+        *answers: int | BaseException,
+        client_leaves: bool = False,
+        in_task: bool = False,
+        routed_app: str | None = None,
     ) -> None:
         self.answers, self.client_leaves, self.in_task = list(answers), client_leaves, in_task
+        self.routed_app = routed_app
         self.bodies: list[bytes] = []
         self.message_sizes: list[list[int]] = []
 
@@ -100,6 +113,10 @@ class FakeProxy:
             assert (await receive())["type"] == "http.disconnect"
             return
         answer = self.answers.pop(0)
+        if self.routed_app is not None:
+            from ray.serve.context import _RequestContext, _serve_request_context
+
+            _serve_request_context.set(_RequestContext(app_name=self.routed_app))
         if isinstance(answer, BaseException):
             note = self.note(answer)
             await (asyncio.create_task(note) if self.in_task else note)  # a task runs in a copied context
@@ -192,7 +209,7 @@ def test_a_retry_lost_too_is_the_designed_503_with_retry_after():
         ("GET", "/v1/rerank", died()),
         ("POST", "/v1/rerank", user_exception()),
         ("POST", "/v1/rerank", downstream_death()),
-        ("POST", "/v1/rerank", ActorUnavailableError("connection lost", (3).to_bytes(16, "big"))),
+        ("POST", "/v1/rerank", unreachable()),
         ("POST", "/v1/rerank", died(app="other")),
         ("POST", "/v1/rerank", RuntimeError("something else")),
     ],
@@ -202,7 +219,7 @@ def test_a_retry_lost_too_is_the_designed_503_with_retry_after():
         "GET",
         "RayTaskError",
         "RayTaskError-caused-by-ActorDiedError",
-        "ActorUnavailableError",
+        "ActorUnavailableError-app-not-known",
         "replica-of-another-app",
         "other-exception",
     ],
@@ -212,6 +229,37 @@ def test_a_lost_try_that_a_retry_may_not_mend_is_left_to_the_proxy(method, path,
     proxy = FakeProxy(error, 200)
     assert call(ReplicaLossRetry(proxy), method=method, path=path) == []
     assert len(proxy.bodies) == 1
+
+
+@pytest.mark.parametrize("in_task", [False, True])
+def test_a_request_whose_replica_is_unreachable_is_sent_again(in_task):
+    """Its node was lost (ActorUnavailableError, before Ray declares the node dead): the proxy routed the
+    request to this app, so it is sent again, with the same body; the second try's 200 goes out."""
+    proxy = FakeProxy(unreachable(), 200, routed_app="rerank", in_task=in_task)
+    assert call(ReplicaLossRetry(proxy))[0]["status"] == 200
+    assert proxy.bodies == [BODY, BODY]
+
+
+def test_an_unreachable_replica_twice_is_the_designed_503():
+    """Its retry can't reach a replica either: 503, Retry-After and the error shape, never the bare 500."""
+    proxy = FakeProxy(unreachable(actor=3), unreachable(actor=4), routed_app="rerank")
+    assert_replica_lost_503(call(ReplicaLossRetry(proxy)))
+    assert len(proxy.bodies) == 2
+
+
+def test_an_unreachable_replica_of_another_app_is_left_to_the_proxy(proxy_log):
+    """The request was routed to another app: not retried, the proxy's own answer."""
+    proxy = FakeProxy(unreachable(), 200, routed_app="other")
+    assert call(ReplicaLossRetry(proxy)) == []
+    assert len(proxy.bodies) == 1
+    assert any("not retried: the unreachable replica is of app 'other'" in line for line in proxy_log)
+
+
+def test_serve_has_the_request_context_the_probe_reads():
+    """Ray's Serve still exposes the per-request context variable that names the request's app."""
+    from serve.proxy import _request_context_var
+
+    assert _request_context_var() is not None
 
 
 def test_the_apps_whose_replicas_may_be_retried_come_from_the_env(monkeypatch):
