@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,15 +54,46 @@ PASSAGES = 20
 REQUEST_TIMEOUT_S = 30.0
 
 
+def ray_start(args: list[str], env: dict[str, str]) -> int:
+    """``ray start ARGS`` in a POSIX session of its own; that session's id.
+
+    The daemons it leaves behind stay in the session, so killing the session's processes takes down
+    exactly that node (see :func:`tests.integration.processes.stop_cluster`).
+    """
+    command = [
+        str(BIN / "ray"), "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}", *args,
+    ]  # fmt: skip
+    starter = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = starter.communicate(timeout=180)
+    except BaseException:
+        stop_cluster(starter.pid)
+        raise
+    if starter.returncode != 0:
+        stop_cluster(starter.pid)
+        raise SystemExit(output[-3000:])
+    return starter.pid
+
+
 @dataclass
 class Cluster:
-    """A one-node `ray start --head` cluster in its own session and temp dir, with token auth."""
+    """A `ray start --head` cluster on 127.0.0.1 in its own session and temp dir, with token auth.
+
+    ``add_worker`` adds a node, each in a session of its own (``workers``): killing that session's
+    processes is that node's loss.
+    """
 
     serve_env: dict[str, str]
+    num_cpus: int = 2
     temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="rrx-", dir="/tmp"))
+    gcs_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     session: int = 0
+    workers: list[int] = field(default_factory=list)
 
     @property
     def env(self) -> dict[str, str]:
@@ -70,29 +101,37 @@ class Cluster:
         env = {
             k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RERANK_", "RAY_SERVE_"))
         }
-        return {**env, "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+        path = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))  # this checkout's code
+        return {
+            **env, "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONPATH": path,
+        }  # fmt: skip
 
     def start(self) -> None:
         """`ray start --head` with the Serve options in its env (they must be set before Ray starts)."""
         subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=self.env, capture_output=True)
-        command = [
-            str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-            "--num-cpus=2", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+        head = [
+            "--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}", f"--num-cpus={self.num_cpus}",
+            f"--temp-dir={self.temp_dir}",
         ]  # fmt: skip
-        starter = subprocess.Popen(
-            command, env={**self.env, **self.serve_env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True,
-        )  # fmt: skip
-        self.session = starter.pid
-        output, _ = starter.communicate(timeout=180)
-        if starter.returncode != 0:
-            raise SystemExit(output[-3000:])
+        self.session = ray_start(head, {**self.env, **self.serve_env})
+
+    def add_worker(self, num_cpus: int, env: dict[str, str] | None = None) -> int:
+        """Start a worker node with ``num_cpus`` (the Serve options and ``env`` in its env); its session.
+
+        It shares the head's temp dir (Ray gives every node the head's), so its logs are found there too.
+        """
+        args = [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={num_cpus}"]
+        self.workers.append(ray_start(args, {**self.env, **self.serve_env, **(env or {})}))
+        return self.workers[-1]
 
     def stop(self) -> None:
         """Kill exactly this cluster's processes (``ray stop`` would kill any other Ray here too)."""
-        stop_cluster(self.session)
+        for session in self.workers:
+            stop_cluster(session)
+        if self.session:
+            stop_cluster(self.session)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def serve(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -110,14 +149,21 @@ class Cluster:
         deployment = (app.get("deployments") or {}).get("Reranker") or {}
         return {"app": app.get("status"), "states": deployment.get("replica_states") or {}}
 
-    def proxy_log_count(self, text: str) -> int:
-        """Lines of the proxies' logs that contain ``text``."""
-        logs = Path(self.temp_dir).glob("session_*/logs/serve/proxy_*.log")
-        return sum(path.read_text(errors="replace").count(text) for path in logs)
+    def proxy_log_lines(self, text: str) -> list[str]:
+        """Lines of the proxies' logs (every node's) that contain ``text``."""
+        pattern = "session_*/logs/serve/proxy_*.log"  # session_latest links to the session: each file once
+        logs = {path.resolve() for path in Path(self.temp_dir).glob(pattern)}
+        lines = (line for path in logs for line in path.read_text(errors="replace").splitlines())
+        return [line for line in lines if text in line]
 
-    def replica_pids(self) -> list[int]:
-        """The processes of the Reranker's replicas."""
-        return titled(self.session, "ServeReplica:rerank:Reranker")
+    def proxy_log_count(self, text: str) -> int:
+        """Lines of the proxies' logs (every node's) that contain ``text``."""
+        return len(self.proxy_log_lines(text))
+
+    def replica_pids(self, sessions: Iterable[int] | None = None) -> list[int]:
+        """The processes of the Reranker's replicas, on every node or on those of ``sessions``."""
+        chosen = [self.session, *self.workers] if sessions is None else sessions
+        return [pid for session in chosen for pid in titled(session, "ServeReplica:rerank:Reranker")]
 
 
 def chaos_config(cluster: Cluster, model: str, workdir: Path, **changes: Any) -> Path:
@@ -159,13 +205,24 @@ def two_running(cluster: Cluster, old_pids: AbstractSet[int] = frozenset()) -> b
 
 
 class Load:
-    """Client threads posting /v1/rerank until stopped; each answer recorded under the current phase."""
+    """Client threads posting /v1/rerank until stopped; each answer recorded under a phase.
 
-    def __init__(self, port: int, requests: list[tuple[str, list[str]]], expected: list[np.ndarray]) -> None:
-        self.port, self.requests, self.expected = port, requests, expected
+    The phase is the one current when the request was sent, or with ``by_arrival`` when its answer came
+    (so a request in flight at a fault counts after it).
+    """
+
+    def __init__(
+        self,
+        port: int,
+        requests: list[tuple[str, list[str]]],
+        expected: list[np.ndarray],
+        by_arrival: bool = False,
+    ) -> None:
+        self.port, self.requests, self.expected, self.by_arrival = port, requests, expected, by_arrival
         self.phase = "warm"
         self.codes: dict[str, Counter[str]] = {}
         self.wrong: Counter[str] = Counter()
+        self.max_latency_s: dict[str, float] = {}
         self.stopped = threading.Event()
         self.lock = threading.Lock()
 
@@ -175,11 +232,14 @@ class Load:
             if self.stopped.is_set():
                 return
             index = number % len(self.requests)
-            phase, (code, scores) = self.phase, self.post(index)
-            wrong = code == "200" and not np.allclose(scores, self.expected[index], atol=1e-4)
+            phase, started = self.phase, time.monotonic()
+            code, scores = self.post(index)
+            latency_s, phase = time.monotonic() - started, self.phase if self.by_arrival else phase
+            wrong = scores is not None and not np.allclose(scores, self.expected[index], atol=1e-4)
             with self.lock:
                 self.codes.setdefault(phase, Counter())[code] += 1
                 self.wrong[phase] += int(wrong)
+                self.max_latency_s[phase] = max(self.max_latency_s.get(phase, 0.0), round(latency_s, 3))
 
     def post(self, index: int) -> tuple[str, np.ndarray | None]:
         """One request; its status (``503+retry_after`` / ``503-no_retry_after``, ``timeout``) and scores."""

@@ -37,6 +37,20 @@ def stop_cluster(session_id: int, grace_s: float = 5) -> list[int]:
     return session_pids(session_id)
 
 
+def kill_session(session_id: int, timeout_s: float = 10) -> list[int]:
+    """SIGKILL every process of the session, no grace (a node's sudden loss); returns survivors.
+
+    Passes repeat until none is left, so a process forked during one pass is killed by the next.
+    """
+    deadline = time.monotonic() + timeout_s
+    while (pids := session_pids(session_id)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    return session_pids(session_id)
+
+
 def titled(session_id: int, fragment: str) -> list[int]:
     """Processes of the session whose title (Ray workers retitle themselves) contains ``fragment``."""
     found = []
