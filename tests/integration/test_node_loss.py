@@ -38,6 +38,7 @@ from tests.helpers import REPO_ROOT
 from tests.integration.conftest import free_port
 from tests.integration.processes import session_pids, stop_cluster, titled
 from tests.integration.test_fault_tolerance import check_exactly_once, summary_numbers, write_input
+from tests.integration.test_real_cluster import client_env
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -186,18 +187,6 @@ def started(starter: subprocess.Popen[str]) -> None:
     """Wait for a `ray start` to return; it must have succeeded."""
     output, _ = starter.communicate(timeout=120)
     assert starter.returncode == 0, output[-3000:]
-
-
-def client_env() -> dict[str, str]:
-    """The environment of the cluster's nodes and clients: token auth, offline hub, this venv first."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RERANK_"))}
-    env.update(
-        RAY_AUTH_MODE="token",  # Ray >= 2.60: clusters made by `ray start` want token auth
-        HF_HUB_OFFLINE="1",
-        RAY_USAGE_STATS_ENABLED="0",
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-    )
-    return env
 
 
 @pytest.fixture
