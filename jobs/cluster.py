@@ -79,7 +79,7 @@ def cluster_shape(config_path: str | None = None) -> ClusterShape:
     """
     start_ray()
     alive = [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
-    types = node_types_from_ray() or node_types_from_file(config_path)
+    types = node_types_from_ray(alive) or node_types_from_file(config_path)
     if types is None:
         return ClusterShape.fixed(alive)
     return ClusterShape(tuple(alive), tuple(reachable_nodes(alive, types)))
@@ -98,8 +98,11 @@ def reachable_nodes(alive: Sequence[Mapping[str, float]], types: NodeTypes) -> l
     return [*heads, *workers]
 
 
-def node_types_from_ray() -> NodeTypes | None:
-    """Node types from the cluster config the platform reported to Ray (none on ``ray up`` clusters)."""
+def node_types_from_ray(alive: Sequence[Mapping[str, float]]) -> NodeTypes | None:
+    """Node types from the cluster config the platform reported to Ray (none on ``ray up`` clusters).
+
+    ``alive``: the resources of the nodes alive now (a group shaped like the head is the head's).
+    """
     import ray._private.state  # Ray Data's source for the same question
 
     try:
@@ -112,7 +115,7 @@ def node_types_from_ray() -> NodeTypes | None:
     types = [
         NodeType(group.name, dict(group.resources), _workers(group.max_count))
         for group in config.node_group_configs
-        if group.resources and group.max_count != 0 and not _is_head_group(group)
+        if group.resources and group.max_count != 0 and not _is_head_group(group, alive)
     ]
     return NodeTypes(tuple(types)) if types else None
 
@@ -165,9 +168,8 @@ def start_ray() -> None:
         ray.init(logging_level=logging.WARNING, include_dashboard=False)
 
 
-def _is_head_group(group: Any) -> bool:
+def _is_head_group(group: Any, alive: Sequence[Mapping[str, float]]) -> bool:
     """A group of one node shaped like the running head (Ray Data's test): the head, not a worker type."""
-    alive = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     heads = [resources for resources in alive if HEAD_RESOURCE in resources]
     shape = {key: float(group.resources.get(key, 0)) for key in SCHEDULING_RESOURCES}
     return group.max_count == 1 and any(

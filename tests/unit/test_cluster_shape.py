@@ -119,8 +119,7 @@ def test_the_node_groups_ray_records_are_read_and_the_head_group_left_out(monkey
     off = config.node_group_configs.add(name="off", max_count=0)
     off.resources["CPU"] = 4
     monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: config)
-    monkeypatch.setattr(cluster.ray, "nodes", lambda: [{"Alive": True, "Resources": HEAD}])
-    types = cluster.node_types_from_ray()
+    types = cluster.node_types_from_ray([HEAD])
     assert types is not None
     assert [(kind.name, dict(kind.resources), kind.max_workers) for kind in types.types] == [
         ("gpu", {"CPU": 8.0, "GPU": 1.0}, cluster.UNLIMITED_WORKERS)
