@@ -21,7 +21,6 @@ every stage it reached.
 from __future__ import annotations
 
 import logging
-import math
 import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,7 +32,13 @@ import ray.data
 from jobs.commit import committed_counts, list_names, remove_files, remove_path
 from jobs.manifest import read_json, write_json
 from jobs.pipeline import UnitScoring, score_units
-from jobs.ranking import MAX_RANK_PARTITIONS, POSITION_COLUMN, SELECTED_COLUMN, float_scores
+from jobs.ranking import (
+    POSITION_COLUMN,
+    SELECTED_COLUMN,
+    float_scores,
+    rank_partitions,
+    ranking_data_context,
+)
 from jobs.resources import PoolRequest
 from jobs.settings import JobSettings, RescoreSettings
 from jobs.storage import Location, read_footers
@@ -68,8 +73,11 @@ def run_later_stages(
     first: tuple[Location, list[str]],
     output: Location,
     num_rows: int,
+    input_bytes: int = 0,
 ) -> tuple[Location, list[str], list[dict[str, dict[str, Any]]]]:
     """Stages 2..N after stage 1 wrote ``first`` (its directory and unit files).
+
+    ``num_rows`` and ``input_bytes`` (uncompressed) are the input's: they size the selection's shuffle.
 
     Returns:
         The last stage's directory and files, and each later stage's committed units' counts.
@@ -87,7 +95,8 @@ def run_later_stages(
         if not selection_is_current(selected_at, source):
             remove_files(output, later_working_dirs(output, number + 1))
             count = stages[number - 1].rerank_count or 0
-            select_candidates(previous, names, selected_at, job, columns[number - 1], count, num_rows)
+            column = columns[number - 1]
+            select_candidates(previous, names, selected_at, job, column, count, num_rows, input_bytes)
             record_selection(selected_at, source)
         else:
             logger.info("%s is complete; kept", selected_at.path)
@@ -165,29 +174,32 @@ def select_candidates(
     score_column: str,
     count: int,
     num_rows: int,
+    input_bytes: int = 0,
 ) -> None:
     """Write every row of ``previous`` to ``destination``, marking each query's best ``count``.
 
-    The input paths are read as they are: no ``key=value`` directory becomes a column.
+    The input paths are read as they are: no ``key=value`` directory becomes a column. The shuffle is
+    the ranking's (``jobs.ranking.ranking_data_context``), a partition per unit's rows or more.
     """
     remove_path(destination)
     paths = [posixpath.join(previous.path, name) for name in names]
-    rows = ray.data.read_parquet(
-        paths, filesystem=previous.arrow_filesystem(), num_cpus=job.io_cpus, partitioning=None
-    )
-    partitions = max(1, min(MAX_RANK_PARTITIONS, math.ceil(num_rows / job.rows_per_unit)))
-    marked = rows.groupby(job.group_column, num_partitions=partitions).map_groups(
-        mark_selected,  # type: ignore[arg-type]  # its extra parameters are bound by fn_kwargs
-        fn_kwargs={"score_column": score_column, "count": count},
-        batch_format="pyarrow",
-        num_cpus=job.io_cpus,
-    )
-    marked.write_parquet(  # row groups of a unit's size: the next stage reads no more than its units
-        destination.path,
-        filesystem=destination.arrow_filesystem(),
-        ray_remote_args={"num_cpus": job.io_cpus},
-        row_group_size=job.rows_per_unit,
-    )
+    partitions = rank_partitions(num_rows, input_bytes, job.rows_per_unit)
+    with ranking_data_context():
+        rows = ray.data.read_parquet(
+            paths, filesystem=previous.arrow_filesystem(), num_cpus=job.io_cpus, partitioning=None
+        )
+        marked = rows.groupby(job.group_column, num_partitions=partitions).map_groups(
+            mark_selected,  # type: ignore[arg-type]  # its extra parameters are bound by fn_kwargs
+            fn_kwargs={"score_column": score_column, "count": count},
+            batch_format="pyarrow",
+            num_cpus=job.io_cpus,
+        )
+        marked.write_parquet(  # row groups of a unit's size: the next stage reads no more than its units
+            destination.path,
+            filesystem=destination.arrow_filesystem(),
+            ray_remote_args={"num_cpus": job.io_cpus},
+            row_group_size=job.rows_per_unit,
+        )
 
 
 def mark_selected(group: pa.Table, score_column: str, count: int) -> pa.Table:

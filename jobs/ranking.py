@@ -6,20 +6,28 @@ cascade's groups by the stages each row reached first (``reranker.cascade``). Th
 raw logits: the order is decided on them, and the activation (``--activation sigmoid``) is applied
 only to the scores written. Each ranked block is committed as one file by a task that reports its
 rows, and the rows ``--top-k`` cut, so the driver can check that no row went missing.
+
+The shuffle holds bounded bytes per Ray worker whatever the job's size (``ranking_data_context``,
+``rank_partitions``): Ray Data's object-store shuffle (``SHUFFLE_V2``), map tasks of at most
+``RANK_MAP_BATCH_BYTES`` of input, and enough partitions that none holds more than
+``RANK_PARTITION_BYTES`` of rows (a reduce task holds its whole partition, and 3-4x that while it
+sorts and ranks). Shards wait in the object store, which spills to disk. Measured: ``bench.rank_shuffle``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
+from ray.data.context import ShuffleStrategy
 
 from jobs.commit import commit_table, list_names, remove_files, remove_path
 from jobs.settings import JobSettings
@@ -30,7 +38,10 @@ from reranker.scores import sigmoid
 from reranker.types import Activation
 
 ROWS_PER_RANK_PARTITION = 100_000
-MAX_RANK_PARTITIONS = 200
+MAX_RANK_PARTITIONS = 200  # partitions by row count alone (more only to keep each under RANK_PARTITION_BYTES)
+RANK_PARTITION_BYTES = 256 * 2**20  # scored rows (Arrow bytes) a reduce task may hold: 3-4x that at its peak
+RANK_MAP_BATCH_BYTES = 256 * 2**20  # input a map task partitions at once, ~2x that at its peak (Ray: 1 GiB)
+SCORED_ROW_EXTRA_BYTES = 16  # what scoring adds to an input row: its position (int64), float32 scores
 POSITION_COLUMN = "__rerank_position__"  # a ranked job's tie-breaker: the row's place in the input
 SELECTED_COLUMN = "__rerank_selected"  # a cascade's rows chosen for the next stage (jobs.cascade)
 CUT_COLUMN = "__rerank_cut"  # on a group's first ranked row: the rows --top-k left out of the group
@@ -127,21 +138,41 @@ def rank_scored(
     num_rows: int,
     stage_columns: Sequence[str] = (),
     activation: Activation = "none",
+    input_bytes: int = 0,
 ) -> RankedRows:
     """Last phase of a ranked job: rank each query's rows and write the final files.
 
     Redone whole on a resume (scoring is what is expensive): files are committed to a staging
     directory and moved into the output; ``_SUCCESS`` marks the end. A cascade ranks by its stages.
     The input paths are read as they are: no ``key=value`` directory becomes a column.
+    ``input_bytes`` (the input's uncompressed bytes) sizes the partitions (``rank_partitions``).
     """
     remove_files(output, [name for name in list_names(output, prefix="") if not name.startswith("_")])
     staging = output.child(RANKING_DIR)
     remove_path(staging)
+    with ranking_data_context():
+        written, cut = _rank_and_commit(
+            scored_at, names, staging, job, rank_partitions(num_rows, input_bytes), stage_columns, activation
+        )
+    move_files(staging, output)
+    return RankedRows(written, cut)
+
+
+def _rank_and_commit(
+    scored_at: Location,
+    names: Sequence[str],
+    staging: Location,
+    job: JobSettings,
+    partitions: int,
+    stage_columns: Sequence[str],
+    activation: Activation,
+) -> tuple[int, int]:
+    """Group the scored units by query, rank each group, commit each ranked block; rows written and cut."""
     paths = [posixpath.join(scored_at.path, name) for name in names]
     scored = ray.data.read_parquet(
         paths, filesystem=scored_at.arrow_filesystem(), num_cpus=job.io_cpus, partitioning=None
     )
-    ranked = scored.groupby(job.group_column, num_partitions=rank_partitions(num_rows)).map_groups(
+    ranked = scored.groupby(job.group_column, num_partitions=partitions).map_groups(
         rank_group,  # type: ignore[arg-type]  # its extra parameters are bound by fn_kwargs
         fn_kwargs={
             "score_column": job.score_column,
@@ -164,8 +195,7 @@ def rank_scored(
     written = cut = 0
     for row in committed.iter_rows():
         written, cut = written + row["rows"], cut + row["cut"]
-    move_files(staging, output)
-    return RankedRows(written, cut)
+    return written, cut
 
 
 def move_files(source: Location, destination: Location) -> None:
@@ -194,9 +224,36 @@ def commit_ranked(batch: pa.Table, destination: Location) -> pa.Table:
     return pa.table({"rows": [table.num_rows], "cut": [cut]})
 
 
-def rank_partitions(num_rows: int) -> int:
-    """Hash partitions for the per-query ranking: one per ``ROWS_PER_RANK_PARTITION`` rows, at most 200.
+def rank_partitions(
+    num_rows: int, input_bytes: int = 0, rows_per_partition: int = ROWS_PER_RANK_PARTITION
+) -> int:
+    """Hash partitions for a per-query shuffle: one per ``rows_per_partition`` rows, at most 200, or more.
 
-    Ray Data's default is always 200, which makes a small job run 200 reduce tasks.
+    More keep each partition under ``RANK_PARTITION_BYTES`` of scored rows: a reduce task holds its
+    whole partition, so a fixed count would let its memory grow with the job. ``input_bytes`` is the
+    input's uncompressed size (Parquet footers: a row's Arrow size to within about 10%); scoring adds
+    ``SCORED_ROW_EXTRA_BYTES`` a row. Ray Data's default is always 200 partitions, which makes a small
+    job run 200 reduce tasks.
     """
-    return max(1, min(MAX_RANK_PARTITIONS, math.ceil(num_rows / ROWS_PER_RANK_PARTITION)))
+    by_rows = max(1, min(MAX_RANK_PARTITIONS, math.ceil(num_rows / rows_per_partition)))
+    scored_bytes = input_bytes + num_rows * SCORED_ROW_EXTRA_BYTES
+    return max(by_rows, math.ceil(scored_bytes / RANK_PARTITION_BYTES))
+
+
+@contextlib.contextmanager
+def ranking_data_context() -> Iterator[None]:
+    """Ray Data's settings for a per-query shuffle, restored afterwards (the context is the process's).
+
+    ``SHUFFLE_V2``: map tasks partition their input into shards in the object store (spilled to
+    disk when full), and one reduce task per partition ranks it; Ray's ``HASH_SHUFFLE`` would hold
+    every row in the heaps of its aggregator actors, one per CPU. Map tasks take at most
+    ``RANK_MAP_BATCH_BYTES`` of input each (Ray's default, 1 GiB, peaks past 2 GiB).
+    """
+    context = ray.data.DataContext.get_current()
+    saved = (context.shuffle_strategy, context.shuffle_input_batch_bytes)
+    context.shuffle_strategy = ShuffleStrategy.SHUFFLE_V2
+    context.shuffle_input_batch_bytes = RANK_MAP_BATCH_BYTES
+    try:
+        yield
+    finally:
+        context.shuffle_strategy, context.shuffle_input_batch_bytes = saved

@@ -263,13 +263,15 @@ def rank_and_write(
     job = settings.job
     (last_at, last_names), later = first, []
     if settings.cascade.cascade:
-        last_at, last_names, stage_counts = run_later_stages(settings, versions, first, output, plan.num_rows)
+        last_at, last_names, stage_counts = run_later_stages(
+            settings, versions, first, output, plan.num_rows, plan.num_bytes
+        )
         for number, counts in enumerate(stage_counts, 2):
             check_rows(_rows_in(counts), expected, f"stage {number}'s scored units")
         later = [sum(unit["scored"] for unit in counts.values()) for counts in stage_counts]
     activation = settings.stages[-1].activation
     ranked = rank_scored(
-        last_at, last_names, output, job, plan.num_rows, _stage_columns(settings), activation
+        last_at, last_names, output, job, plan.num_rows, _stage_columns(settings), activation, plan.num_bytes
     )
     check_rows(
         ranked.written + ranked.cut, expected, "the ranked rows (written, plus those --top-k left out)"

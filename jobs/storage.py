@@ -136,6 +136,7 @@ class Footer:
     schema: pa.Schema
     num_rows: int
     row_groups: list[int]
+    num_bytes: int = 0  # its row groups' uncompressed size (about the rows' size in memory)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,11 @@ class InputPlan:
     def num_rows(self) -> int:
         """Rows in all files."""
         return sum(footer.num_rows for footer in self.footers)
+
+    @property
+    def num_bytes(self) -> int:
+        """Uncompressed bytes in all files, as their footers say."""
+        return sum(footer.num_bytes for footer in self.footers)
 
     def file_versions(self) -> list[dict[str, Any]]:
         """Each file's path (relative to the input), size and version (ETag or mtime), for a manifest.
@@ -277,7 +283,7 @@ def _glob_root(pattern: str) -> str:
 
 
 def read_footer(fs: fsspec.AbstractFileSystem, path: str) -> Footer:
-    """Schema, row count and row-group sizes of one Parquet file, from its footer alone.
+    """Schema, row count, row-group sizes and uncompressed bytes of one Parquet file, from its footer alone.
 
     Transient storage errors are retried.
 
@@ -290,8 +296,13 @@ def read_footer(fs: fsspec.AbstractFileSystem, path: str) -> Footer:
     def read() -> Footer:
         with fs.open(path, "rb") as handle:
             metadata = pq.ParquetFile(handle).metadata
-            groups = [metadata.row_group(index).num_rows for index in range(metadata.num_row_groups)]
-            return Footer(metadata.schema.to_arrow_schema(), metadata.num_rows, groups)
+            groups = [metadata.row_group(index) for index in range(metadata.num_row_groups)]
+            return Footer(
+                metadata.schema.to_arrow_schema(),
+                metadata.num_rows,
+                [group.num_rows for group in groups],
+                sum(group.total_byte_size for group in groups),
+            )
 
     try:
         return storage_call(read, f"reading the footer of {path}")

@@ -49,6 +49,14 @@ def test_plan_counts_rows_from_footers(pairs_dir):
     assert (len(plan.files), plan.num_rows) == (3, 6)
 
 
+def test_plan_sizes_the_input_from_footers(tmp_path):
+    """The plan's bytes are the row groups' uncompressed size: about the rows' Arrow size."""
+    passages = ["x" * 1000 + str(i) for i in range(1000)]  # not repeated: no dictionary shrinks them
+    write(tmp_path / "in" / "part-0.parquet", query=["q"] * 1000, passage=passages)
+    plan = inspect_input(str(tmp_path / "in"), {}, TEXT, ["score"])
+    assert 1_000_000 < plan.num_bytes < 1_100_000
+
+
 def test_missing_path_is_named(tmp_path):
     """A path that does not exist fails naming it."""
     with pytest.raises(InputError, match=r"does not exist: .*nowhere"):

@@ -114,6 +114,41 @@ def test_rank_partitions_follow_the_input_size():
     assert [rank_partitions(n) for n in (0, 36, 100_000, 100_001, 10**9)] == [1, 1, 1, 2, 200]
 
 
+def test_rank_partitions_hold_bounded_bytes_at_any_size():
+    """Past 200 partitions, more are made so that none holds over RANK_PARTITION_BYTES of rows: a
+    reduce task holds its partition, so its memory no longer grows with the job."""
+    from jobs.ranking import RANK_PARTITION_BYTES, SCORED_ROW_EXTRA_BYTES, rank_partitions
+
+    assert rank_partitions(10**6, 10**6 * 500) == 10  # small jobs: by rows, as before
+    for rows, row_bytes in ((10**8, 450), (10**8, 1024), (10**9, 450), (10**6, 50_000)):
+        partitions = rank_partitions(rows, rows * row_bytes)
+        assert rows * (row_bytes + SCORED_ROW_EXTRA_BYTES) / partitions <= RANK_PARTITION_BYTES
+    assert rank_partitions(10**8, 10**8 * 1024) > 200
+    assert rank_partitions(10**6, 10**6 * 400, rows_per_partition=400) == 200  # a cascade's selection
+
+
+def test_ranking_data_context_is_the_jobs_alone():
+    """The ranking shuffles with SHUFFLE_V2 and bounded map batches whatever the process chose, and
+    gives the process its own settings back."""
+    from ray.data.context import ShuffleStrategy
+
+    from jobs.ranking import RANK_MAP_BATCH_BYTES, ranking_data_context
+
+    context = ray.data.DataContext.get_current()
+    saved = (context.shuffle_strategy, context.shuffle_input_batch_bytes)
+    context.shuffle_strategy, context.shuffle_input_batch_bytes = ShuffleStrategy.HASH_SHUFFLE, 7
+    try:
+        with ranking_data_context():
+            assert context.shuffle_strategy == ShuffleStrategy.SHUFFLE_V2
+            assert context.shuffle_input_batch_bytes == RANK_MAP_BATCH_BYTES
+        assert (context.shuffle_strategy, context.shuffle_input_batch_bytes) == (
+            ShuffleStrategy.HASH_SHUFFLE,
+            7,
+        )
+    finally:
+        context.shuffle_strategy, context.shuffle_input_batch_bytes = saved
+
+
 def test_gpu_node_tokenizes_on_every_cpu_the_actors_leave():
     """An 8-GPU node with 96 CPUs: 8 GPU actors, and tokenization on the 88 CPUs they leave."""
     plan = plan_actor_pool(ClusterShape.fixed([{"CPU": 96.0, "GPU": 8.0}]), RescoreSettings.load().job)
