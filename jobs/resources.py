@@ -2,9 +2,10 @@
 
 One actor per GPU when there are GPUs; otherwise CPU actors that leave ``io_cpus`` free on every node
 (an actor pool that takes every CPU deadlocks Ray Data). On a cluster that can grow (``jobs.cluster``)
-the pool autoscales: from the actors that fit on the nodes alive now up to those that fit on every node
-the autoscaler may start, and tokenization may use every CPU those nodes leave. Used by the job and by
-``jobs.stage``.
+the pool is sized for every node the autoscaler may start, and tokenization may use every CPU those
+nodes leave. A pool that spans several nodes, or a cluster that grows, may shrink to one actor: Ray
+restarts a lost node's actors elsewhere, and a pool that cannot shrink would then hold the CPUs the
+tokenize and commit tasks need, and the job would stop. Used by the job and by ``jobs.stage``.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ class PoolRequest:
 class ActorPoolPlan:
     """How many scoring actors to run and what each one reserves.
 
-    ``num_actors`` is the most; an autoscaling pool starts with ``min_actors`` and grows with the
-    cluster (``None``: a fixed pool). ``tokenize_tasks`` is the most tokenization tasks at once.
+    ``num_actors`` is the most, and the pool starts with them all. An elastic pool may shrink to
+    ``min_actors`` (``None``: a fixed pool, on one node). ``tokenize_tasks`` is the most tokenization
+    tasks at once.
     """
 
     num_actors: int
@@ -66,24 +68,26 @@ class ActorPoolPlan:
 
     @property
     def min_size(self) -> int:
-        """The actors the pool starts with and never goes below."""
+        """The actors the pool never goes below."""
         return self.num_actors if self.min_actors is None else self.min_actors
 
 
 def plan_actor_pool(
     cluster: ClusterShape, settings: PoolSizing, torch_threads: int | None = None
 ) -> ActorPoolPlan:
-    """Size the actor pool for the cluster: fixed from the nodes alive, or autoscaling when it grows.
+    """Size the actor pool for the cluster: every node it may have, elastic where a node may be lost.
 
     A cluster that can grow gets the pool that fits every node it may start (GPU actors when it offers
-    GPU nodes), starting from the actors that fit on the nodes alive now (at least one). An explicit
-    ``num_actors`` is a fixed pool on any cluster; its tokenization is still sized for every node.
+    GPU nodes). An explicit ``num_actors`` is the pool's size on any cluster; its tokenization is still
+    sized for every node. A pool on one node of a fixed cluster is fixed (losing that node ends the job
+    anyway); any other may shrink to one actor, so that the job goes on with the nodes left when one is
+    lost (Ray Data shrinks a pool whose actors wait for input or whose nodes are gone; it grows back
+    when its actors have work queued).
     """
     full = plan_for_nodes(cluster.reachable, settings, torch_threads)
-    if not cluster.grows or settings.num_actors is not None:
-        return full  # tokenization still spans every CPU the cluster can grow
-    fitting = _fitting(cluster.alive, full, settings.io_cpus)
-    return replace(full, min_actors=max(1, min(fitting, full.num_actors)))
+    if not cluster.grows and _nodes_holding(cluster.alive, full, settings.io_cpus) <= 1:
+        return full
+    return replace(full, min_actors=1)
 
 
 def plan_for_nodes(
@@ -133,6 +137,11 @@ def _fitting(nodes: Sequence[Mapping[str, float]], plan: ActorPoolPlan, io_cpus:
     return sum(
         max(0, math.floor((node.get("CPU", 0.0) - io_cpus) / plan.cpus_per_actor + 1e-9)) for node in nodes
     )
+
+
+def _nodes_holding(nodes: Sequence[Mapping[str, float]], plan: ActorPoolPlan, io_cpus: float) -> int:
+    """How many of the nodes hold at least one of the plan's actors."""
+    return sum(1 for node in nodes if _fitting([node], plan, io_cpus) > 0)
 
 
 def object_store_budget(pool: ActorPoolPlan, settings: JobSettings) -> int:

@@ -102,7 +102,7 @@ def test_the_stage_has_the_jobs_shape_on_a_gpu_cluster(monkeypatch, tiny_model_d
 
 def test_the_stage_follows_an_autoscaling_cluster(monkeypatch, tiny_model_dir):
     """Only the head of the shipped cluster.yaml alive: GPU actors from 1 up to 8, all asked for at once,
-    and tokenization sized for every CPU the workers bring; explicit actors still win."""
+    and tokenization sized for every CPU the workers bring; explicit actors still set the pool's size."""
     config = yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())
     head = {"CPU": 0.0, "node:__internal_head__": 1.0}
     types = node_types_from_config(config)
@@ -115,7 +115,7 @@ def test_the_stage_follows_an_autoscaling_cluster(monkeypatch, tiny_model_dir):
     assert tasks.size == 88
     fixed = stage.add_scores(ray.data.from_items(ROWS[:2]), str(tiny_model_dir), num_actors=2)
     (_, _, actors), (_, _, tasks) = operators(fixed)
-    assert (actors.min_size, actors.max_size, tasks.size) == (2, 2, 94)
+    assert (actors.min_size, actors.initial_size, actors.max_size, tasks.size) == (1, 2, 2, 94)
 
 
 def operators(dataset: ray.data.Dataset) -> list[tuple[str, dict, object]]:

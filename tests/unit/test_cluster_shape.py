@@ -42,19 +42,20 @@ def test_the_default_job_on_the_shipped_cluster_asks_for_gpu_actors_and_tokenize
     assert plan.tokenize_tasks == 8 * 4 + 4 * 16 - 8  # every CPU but the actors' own
 
 
-def test_an_autoscaling_pool_starts_with_what_fits_the_nodes_alive():
-    """Three GPU workers already up: the pool starts with 3 actors and may grow to 8."""
+def test_an_autoscaling_pool_asks_for_every_node_and_may_shrink_to_one():
+    """Three GPU workers already up: 8 actors asked for; the pool may shrink to 1 (a node may be lost)."""
     alive = [HEAD, *[{"CPU": 4.0, "GPU": 1.0}] * 3]
     shape = ClusterShape(tuple(alive), tuple(reachable_nodes(alive, shipped_types())))
     plan = plan_actor_pool(shape, RescoreSettings.load().job)
-    assert (plan.min_size, plan.num_actors) == (3, 8)
+    assert (plan.min_size, plan.num_actors) == (1, 8)
 
 
 def test_explicit_actors_win_and_tokenization_still_follows_the_cluster():
-    """--num-actors 2 --gpus-per-actor 1: a fixed pool of 2, tokenization sized for every node."""
+    """--num-actors 2 --gpus-per-actor 1: a pool of 2 (which may shrink if a node goes), tokenization
+    sized for every node."""
     shape = ClusterShape((HEAD,), tuple(reachable_nodes([HEAD], shipped_types())))
     plan = plan_actor_pool(shape, RescoreSettings.load(num_actors=2, gpus_per_actor=1).job)
-    assert (plan.min_actors, plan.min_size, plan.num_actors, plan.gpus_per_actor) == (None, 2, 2, 1.0)
+    assert (plan.min_size, plan.num_actors, plan.gpus_per_actor) == (1, 2, 1.0)
     assert plan.tokenize_tasks == 8 * 4 + 4 * 16 - 2
 
 
@@ -69,13 +70,33 @@ def test_a_cpu_only_autoscaling_cluster_gets_cpu_actors_that_grow_with_it():
 
 
 def test_a_cluster_at_its_limits_is_planned_as_a_fixed_one():
-    """Every worker the config allows is up: a fixed pool, as on a static cluster."""
+    """Every worker the config allows is up: the plan of a static cluster (of two GPU nodes: elastic)."""
     alive = [HEAD, {"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}]
     types = NodeTypes((NodeType("gpu", {"CPU": 4.0, "GPU": 1.0}, 2),))
     shape = ClusterShape(tuple(alive), tuple(reachable_nodes(alive, types)))
     assert not shape.grows
     assert plan_actor_pool(shape, PoolRequest()) == plan_actor_pool(ClusterShape.fixed(alive), PoolRequest())
-    assert plan_actor_pool(shape, PoolRequest()).min_actors is None
+    assert plan_actor_pool(shape, PoolRequest()).min_actors == 1
+
+
+def test_only_a_pool_on_one_node_is_fixed():
+    """A laptop, or one big node, keeps a fixed pool: losing its node ends the job anyway. Once the
+    actors span two nodes, or the cluster may grow, the pool may shrink to one actor so the job goes on
+    when a node is lost (Ray restarts its actors on the nodes left, where a fixed pool would take the
+    CPUs the tokenize and commit tasks need)."""
+    job = RescoreSettings.load().job
+    laptop = plan_actor_pool(ClusterShape.fixed([{"CPU": 2.0}]), job)
+    assert (laptop.min_actors, laptop.min_size, laptop.num_actors) == (None, 1, 1)
+    gpu_box = plan_actor_pool(ClusterShape.fixed([{"CPU": 96.0, "GPU": 8.0}]), job)
+    assert (gpu_box.min_actors, gpu_box.num_actors) == (None, 8)
+    head_and_one = plan_actor_pool(ClusterShape.fixed([{"CPU": 0.0}, {"CPU": 16.0, "GPU": 2.0}]), job)
+    assert (head_and_one.min_actors, head_and_one.num_actors) == (None, 2)
+    two_workers = plan_actor_pool(ClusterShape.fixed([{"CPU": 0.0}, {"CPU": 2.0}, {"CPU": 2.0}]), job)
+    assert (two_workers.min_size, two_workers.num_actors, two_workers.cpus_per_actor) == (1, 2, 1.0)
+    explicit = plan_actor_pool(ClusterShape.fixed([{"CPU": 4.0, "GPU": 1.0}] * 2), PoolRequest(num_actors=2))
+    assert (explicit.min_size, explicit.num_actors) == (1, 2)
+    one_node_explicit = plan_actor_pool(ClusterShape.fixed([{"CPU": 8.0}]), PoolRequest(num_actors=3))
+    assert (one_node_explicit.min_actors, one_node_explicit.num_actors) == (None, 3)
 
 
 def test_the_cluster_wide_worker_limit_is_kept_gpu_types_first():
