@@ -325,7 +325,11 @@ def test_a_worker_node_drained_for_preemption_mid_job_loses_and_doubles_no_row(
     scored_input: tuple[Path, pa.Table],
 ) -> None:
     """Drain a worker node for preemption while it works on the job, with a deadline a few seconds ahead,
-    and kill it at the deadline as the cloud would: exit 0, every row once, on the node left."""
+    and kill it at the deadline as the cloud would: exit 0, every row once, on the node left.
+
+    Ray Data gives no new work to actors on a draining node, so the pool may release the node's actor
+    before the deadline (it shrinks when its actors wait); else the actor dies with the node. Both are
+    the job going on without the node."""
     source, expected = scored_input
     output, log = tmp_path / "out", tmp_path / "job.log"
     job = cluster.start_job(job_args(tiny_model_dir, source, output), log)
@@ -334,11 +338,10 @@ def test_a_worker_node_drained_for_preemption_mid_job_loses_and_doubles_no_row(
     assert cluster.gcs("drain", victim_id, str(deadline_ms)) == {"accepted": True, "rejection": ""}
     assert cluster.gcs("nodes")[victim_id]["draining_deadline_ms"] == deadline_ms
     time.sleep(max(0.0, deadline_ms / 1000 - time.time()))
-    done_before, actors_left = committed(output), victim.scoring_actors()
+    done_before = committed(output)
     with paused(job):
         victim.kill()
         assert cluster.dead(victim_id)["death_reason"] == "AUTOSCALER_DRAIN_PREEMPTED"
     assert job.poll() is None and done_before < UNITS, "the node went too late to test anything"
-    assert actors_left, "the drained node had no scoring actor left when it went"
     text = finish(job, log, output)
     check_output(text, output, expected)
