@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 import ray.data
+from ray.data.exceptions import ExecutionTimeoutError
 
 from jobs.cascade import raw_scores, run_later_stages, stage_score_columns, stage_sizing
 from jobs.cluster import cluster_shape, start_ray
@@ -475,6 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cause = exc.cause if isinstance(exc.cause, Exception) else exc
         print(f"error: scoring failed: {type(cause).__name__}: {cause}".splitlines()[0], file=sys.stderr)
         return 1
+    except ExecutionTimeoutError as exc:
+        print(f"error: {stalled(exc)}", file=sys.stderr)
+        return 1
     except Exception as exc:
         if not is_transient(exc):
             raise
@@ -482,6 +486,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(summary.line())
     return 0
+
+
+def stalled(exc: ExecutionTimeoutError) -> str:
+    """One line for Ray Data's no-progress limit: how long, what waited, and how to go on.
+
+    Ray Data fails a run that moves no block for ``execution_no_progress_timeout_s`` (30 min by default):
+    actors that can never be placed, a cluster that never grows the nodes they need.
+    """
+    lines = str(exc).splitlines()
+    waiting = [line.strip(" -").split(":")[0] for line in lines if line.startswith("  - ")]
+    return (
+        f"{lines[0].split(' No output')[0].rstrip('.') if lines else 'no progress'}, waiting on "
+        f"{', '.join(waiting) or 'the cluster'}; the units committed so far are kept: rerun the same "
+        "command to resume (RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S sets the limit, -1 none)"
+    )
 
 
 def cli() -> None:

@@ -156,6 +156,24 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, capsys, tiny_model_dir,
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
+def test_a_job_that_can_make_no_progress_ends_with_one_line(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    """GPU actors asked of a cluster with no GPU can never start: once Ray Data's no-progress limit
+    passes, the job exits 1 with one line saying what waited and that a rerun resumes (no traceback)."""
+    import ray.data
+
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "execution_no_progress_timeout_s", 5.0)
+    pq.write_table(pairs_table(), tmp_path / "in.parquet")
+    code, _out, err = run_job(
+        capsys, tiny_model_dir, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+        "--gpus-per-actor", "1", "--num-actors", "1",
+    )  # fmt: skip
+    assert code == 1, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: Dataset execution made no progress for at least 5s"), err[-2000:]
+    assert "waiting on MapBatches(ScoreUnits)" in line and "rerun the same command to resume" in line
+    assert "Traceback" not in err
+
+
 def test_rerun_of_a_finished_job_does_nothing_and_a_changed_one_is_refused(tmp_path, capsys, tiny_model_dir):
     """Same command again: nothing rescored. Changed settings or foreign data: refused unless --overwrite.
     --dry-run says each of these before it happens, and writes nothing."""
