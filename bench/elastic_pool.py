@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import write_pairs
+from bench.harness import actor_pool_plan, write_pairs
 from bench.serve_chaos import Cluster
 from tests.helpers import REPO_ROOT, TWIN_MODEL
 
@@ -55,12 +55,11 @@ def run_once(cluster: Cluster, pool: str, source: Path, output: Path, job_args: 
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{pool} job failed:\n{done.stderr[-4000:]}")
-    plan = [line.split("actor pool: ", 1)[1] for line in done.stderr.splitlines() if "actor pool: " in line]
     shutil.rmtree(output)
     return {
         "pool": pool,
         "wall_s": round(wall, 2),
-        "plan": plan[-1] if plan else "",
+        "plan": actor_pool_plan(done.stderr),
         "scoring_actors_started": scoring_actors(cluster) - before,
         "pool_sizes": pool_sizes(done.stderr),
     }

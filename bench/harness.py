@@ -152,12 +152,12 @@ def run_job(args: Sequence[str], env_overrides: dict[str, str] | None = None) ->
         "started_at": time.time() - wall,
         "summary": out.strip().splitlines()[-1],
         "stage_seconds": _stage_seconds(err),
-        "actor_pool": _actor_pool(err),
+        "actor_pool": actor_pool_plan(err),
         **sampler.report_mib(),
     }
 
 
-def _actor_pool(log: str) -> str:
+def actor_pool_plan(log: str) -> str:
     """The job's actor pool plan (actors, CPUs/GPUs each, torch threads, tokenize tasks) from its log."""
     lines = [line.split("actor pool: ", 1)[1] for line in log.splitlines() if "actor pool: " in line]
     return lines[-1] if lines else ""

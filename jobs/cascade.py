@@ -73,7 +73,7 @@ def run_later_stages(
     first: tuple[Location, list[str]],
     output: Location,
     num_rows: int,
-    input_bytes: int = 0,
+    input_bytes: int,
 ) -> tuple[Location, list[str], list[dict[str, dict[str, Any]]]]:
     """Stages 2..N after stage 1 wrote ``first`` (its directory and unit files).
 
@@ -174,7 +174,7 @@ def select_candidates(
     score_column: str,
     count: int,
     num_rows: int,
-    input_bytes: int = 0,
+    input_bytes: int,
 ) -> None:
     """Write every row of ``previous`` to ``destination``, marking each query's best ``count``.
 

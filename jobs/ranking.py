@@ -136,9 +136,9 @@ def rank_scored(
     output: Location,
     job: JobSettings,
     num_rows: int,
+    input_bytes: int,
     stage_columns: Sequence[str] = (),
     activation: Activation = "none",
-    input_bytes: int = 0,
 ) -> RankedRows:
     """Last phase of a ranked job: rank each query's rows and write the final files.
 

@@ -272,7 +272,7 @@ def rank_and_write(
         later = [sum(unit["scored"] for unit in counts.values()) for counts in stage_counts]
     activation = settings.stages[-1].activation
     ranked = rank_scored(
-        last_at, last_names, output, job, plan.num_rows, _stage_columns(settings), activation, plan.num_bytes
+        last_at, last_names, output, job, plan.num_rows, plan.num_bytes, _stage_columns(settings), activation
     )
     check_rows(
         ranked.written + ranked.cut, expected, "the ranked rows (written, plus those --top-k left out)"
